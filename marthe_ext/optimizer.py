@@ -236,13 +236,13 @@ class Marthe(torch.optim.Optimizer):
         """The device scalars (eta, beta, mu, ...) without copying or synchronising."""
         return dict(self._hyper)
 
-    def _warn_if_skipped(self) -> None:
+    def _warn_if_skipped(self, stacklevel: int = 3) -> None:
         if not self._skip_warned and int(self._hyper["skipped"]) > 0:
             self._skip_warned = True
             warnings.warn(
                 "marthe_ext: a step had a non-finite loss, gradient, HVP or hypergradient and "
                 "was skipped (weights, state, tangents and eta unchanged); see opt.skipped_steps",
-                RuntimeWarning, stacklevel=3)
+                RuntimeWarning, stacklevel=stacklevel)
 
     # ----------------------------------------------------------------- state
     def _resolve_backend(self):
@@ -338,7 +338,7 @@ class Marthe(torch.optim.Optimizer):
                     self._auto_mu(grad_e, grads, ok)
         hp["skipped"].add_((~ok).to(torch.int64))
         if loss.device.type == "cpu":  # reading a CPU flag costs no device sync
-            self._warn_if_skipped()
+            self._warn_if_skipped(stacklevel=4)  # past step()'s no_grad wrapper, to the caller
         return loss
 
     def _gradients(self, closure, params, tangents, need_hvp):

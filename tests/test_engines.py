@@ -1,0 +1,142 @@
+"""The HVP engines agree with each other (fd to its truncation error), on an MLP, a CNN with
+BatchNorm (train and eval mode) and a model with dropout; the hypergradient modes agree."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import marthe_ext
+from marthe_ext.hvp import ENGINES
+
+F64 = torch.float64
+
+
+def rel_err(a, b):
+    """Relative error of two tensors, or of two lists taken as one concatenated vector
+    (a conv bias before BatchNorm has an exactly-zero gradient: only noise per tensor)."""
+    if isinstance(a, (list, tuple)):
+        a = torch.cat([t.reshape(-1) for t in a])
+        b = torch.cat([t.reshape(-1) for t in b])
+    return float((a - b).norm() / max(float(b.norm()), 1e-300))
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+
+
+def bn_cnn():
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double()
+
+
+def dropout_mlp():
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3)).double()
+
+
+MODELS = {
+    "mlp": (mlp, (7, 6)),
+    "bn_train": (bn_cnn, (6, 2, 5, 5)),
+    "bn_eval": (bn_cnn, (6, 2, 5, 5)),
+    "dropout": (dropout_mlp, (7, 6)),
+}
+
+
+def _setup(name):
+    make, shape = MODELS[name]
+    model = make()
+    model.train(name != "bn_eval")
+    x = torch.randn(*shape, dtype=F64)
+    y = torch.randint(0, 3, (shape[0],))
+    params = list(model.parameters())
+    tangents = [torch.randn_like(p) for p in params]
+    return model, (lambda: nn.functional.cross_entropy(model(x), y)), params, tangents
+
+
+def _run(engine, name):
+    torch.manual_seed(1)
+    model, closure, params, tangents = _setup(name)
+    torch.manual_seed(2)  # same dropout mask for every engine
+    loss, grads, hvps = ENGINES[engine](closure, params, tangents, True, model)
+    buffers = [b.clone() for b in model.buffers()]
+    return loss, grads, hvps, buffers
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_hvp_engines_agree(name):
+    ref_loss, ref_g, ref_h, ref_buf = _run("reverse", name)
+    for engine, tol in (("forward", 1e-10), ("fd", 1e-5)):
+        loss, g, h, buf = _run(engine, name)
+        assert float(loss) == pytest.approx(float(ref_loss), rel=1e-14)
+        assert rel_err(g, ref_g) < 1e-13
+        assert rel_err(h, ref_h) < tol, engine
+        # Running statistics move exactly once per step, as in a plain training step.
+        for a, b in zip(buf, ref_buf):
+            assert torch.equal(a, b), engine
+
+
+def test_batchnorm_statistics_equal_a_plain_training_step():
+    torch.manual_seed(0)
+    model = bn_cnn()
+    plain = copy.deepcopy(model)
+    x = torch.randn(6, 2, 5, 5, dtype=F64)
+    y = torch.randint(0, 3, (6,))
+    opt = marthe_ext.Marthe(model.parameters(), lr=0.1, mu=0.9, hvp="forward", model=model)
+    for _ in range(2):  # the second step runs the HVP
+        with torch.no_grad():  # the plain model sees the same weights, keeps its own buffers
+            for q, p in zip(plain.parameters(), model.parameters()):
+                q.copy_(p)
+        nn.functional.cross_entropy(plain(x), y)
+        opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+    assert torch.equal(model[1].running_mean, plain[1].running_mean)
+    assert torch.equal(model[1].running_var, plain[1].running_var)
+    assert int(model[1].num_batches_tracked) == 2
+
+
+def test_fd_engine_restores_weights_bit_exactly():
+    model, closure, params, tangents = _setup("mlp")
+    before = [p.detach().clone() for p in params]
+    ENGINES["fd"](closure, params, tangents, True, model)
+    for a, b in zip(params, before):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dynamics", ["sgdm", "adam"])
+def test_hypergradient_modes_agree(dynamics):
+    torch.manual_seed(0)
+    base = mlp()
+    x, y = torch.randn(9, 6, dtype=F64), torch.randint(0, 3, (9,))
+    xv, yv = torch.randn(9, 6, dtype=F64), torch.randint(0, 3, (9,))
+    results = {}
+    for mode in ("grad", "jvp", "fd"):
+        model = copy.deepcopy(base)
+        opt = marthe_ext.Marthe(model.parameters(), lr=0.05, dynamics=dynamics, mu=0.9, hyper_lr=1e-3,
+                                hypergrad=mode, model=model)
+        trace = []
+        for _ in range(3):
+            opt.step(lambda: nn.functional.cross_entropy(model(x), y),
+                     lambda: nn.functional.cross_entropy(model(xv), yv))
+            trace.append(opt.last_hypergrad)
+        results[mode] = torch.tensor(trace, dtype=F64)
+    assert results["grad"].abs().min() > 0
+    assert rel_err(results["jvp"], results["grad"]) < 1e-10
+    assert rel_err(results["fd"], results["grad"]) < 1e-6
+
+
+def test_jvp_hypergrad_needs_model():
+    with pytest.raises(ValueError, match="model"):
+        marthe_ext.Marthe(mlp().parameters(), hypergrad="jvp")
+
+
+def test_hvp_auto_picks_forward_with_model_and_reverse_without():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 6, dtype=F64), torch.randint(0, 3, (5,))
+    for with_model, expected in ((True, "forward"), (False, "reverse")):
+        model = mlp()
+        opt = marthe_ext.Marthe(model.parameters(), lr=0.05, mu=0.9, hvp="auto",
+                                model=model if with_model else None)
+        for _ in range(2):
+            opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+        assert opt.hvp_engine == expected
