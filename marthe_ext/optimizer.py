@@ -29,14 +29,15 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _profiling
+from . import _profiling, safeguards
 from .backends import BACKENDS, select_backend
 from .backends.api import DYNAMICS, STATE_NAMES, GroupBuffers, GroupOptions, make_coeffs
 from .hvp import ENGINES, HVP_ENGINES, check_model_holds
 from .hypergrad import HYPERGRAD_MODES, fd_hypergrad, jvp_hypergrad, validation_gradient
 
 _GROUP_KEYS = {"params", "lr_scale", "weight_decay", "name"}
-_HYPER_KEYS = ("eta", "beta", "mu", "mu_counter", "step", "skipped", "last_hypergrad")
+_HYPER_KEYS = ("eta", "beta", "mu", "mu_counter", "step", "skipped", "last_hypergrad",
+               "h_sq_avg", "h_count")
 
 
 def _number(name: str, value: Any, low: float = -math.inf, high: float = math.inf,
@@ -57,6 +58,19 @@ def _choice(name: str, value: Any, options: Iterable[str]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+def _caller_stacklevel() -> int:
+    """The warnings stacklevel of the first frame outside marthe_ext and torch (step() runs
+    under torch's no_grad and optimizer-hook wrappers, whose depth varies by version)."""
+    import os
+    import sys
+
+    skip = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -85,6 +99,13 @@ class Marthe(torch.optim.Optimizer):
             step, reported by ``opt.hvp_engine``).
         hypergrad: how ``<grad E, Zw>`` is computed in validation mode, "grad" | "jvp" | "fd".
         backend: "auto" | "torch" | "triton" | "cuda" | "cpu" (or $MARTHE_BACKEND).
+        max_lr_change: safeguard (a), rho > 1: eta moves by at most a factor rho per step.
+        hypergrad_norm: safeguard (b), None | "rms" | "rms-log": divide h by its running
+            RMS (decay ``hypergrad_norm_decay``); "rms-log" steps in log eta (beta is then
+            a relative step and eta stays positive).
+        max_tangent_ratio: safeguard (c), kappa > 0: keep ``||Zw|| <= kappa ||w||``.
+            All safeguards off (the default) is the faithful algorithm; see
+            ``marthe_ext.safeguards`` for the maths.
         model: the ``nn.Module`` whose parameters are optimized. Needed by ``hvp="forward"``
             and ``hypergrad="jvp"`` (they place dual parameters in it) and used by
             ``hvp="fd"`` to restore module buffers after its probe evaluation.
@@ -113,6 +134,10 @@ class Marthe(torch.optim.Optimizer):
         hypergrad: str = "grad",
         backend: str = "auto",
         model: Optional[torch.nn.Module] = None,
+        max_lr_change: Optional[float] = None,
+        hypergrad_norm: Optional[str] = None,
+        hypergrad_norm_decay: float = 0.99,
+        max_tangent_ratio: Optional[float] = None,
     ):
         lr = _number("lr", lr, 0.0)
         self.dynamics = _choice("dynamics", dynamics, DYNAMICS)
@@ -147,6 +172,16 @@ class Marthe(torch.optim.Optimizer):
         if mu == "auto" and hypergrad != "grad":
             raise ValueError("mu='auto' needs hypergrad='grad' (it uses the validation gradient)")
 
+        self.max_lr_change = None if max_lr_change is None else _number(
+            "max_lr_change", max_lr_change, 1.0, low_open=True)
+        if hypergrad_norm not in safeguards.HYPERGRAD_NORMS:
+            raise ValueError(f"hypergrad_norm must be one of {safeguards.HYPERGRAD_NORMS}, "
+                             f"got {hypergrad_norm!r}")
+        self.hypergrad_norm = hypergrad_norm
+        self.hypergrad_norm_decay = _number("hypergrad_norm_decay", hypergrad_norm_decay, 0.0, 1.0,
+                                            high_open=True)
+        self.max_tangent_ratio = None if max_tangent_ratio is None else _number(
+            "max_tangent_ratio", max_tangent_ratio, 0.0, low_open=True)
         self.mu_auto = mu == "auto"
         self._mu_fixed = None if self.mu_auto else mu  # host copy: deciding on the HVP needs no sync
         self.model = model
@@ -168,6 +203,8 @@ class Marthe(torch.optim.Optimizer):
             "step": torch.zeros((), **f64),
             "skipped": torch.zeros((), dtype=torch.int64, device=device),
             "last_hypergrad": torch.zeros((), **f64),
+            "h_sq_avg": torch.zeros((), **f64),  # safeguard (b): running mean of h^2
+            "h_count": torch.zeros((), **f64),
         }
         self._steps_called = 0
         self._backend = None
@@ -236,13 +273,13 @@ class Marthe(torch.optim.Optimizer):
         """The device scalars (eta, beta, mu, ...) without copying or synchronising."""
         return dict(self._hyper)
 
-    def _warn_if_skipped(self, stacklevel: int = 3) -> None:
+    def _warn_if_skipped(self) -> None:
         if not self._skip_warned and int(self._hyper["skipped"]) > 0:
             self._skip_warned = True
             warnings.warn(
                 "marthe_ext: a step had a non-finite loss, gradient, HVP or hypergradient and "
                 "was skipped (weights, state, tangents and eta unchanged); see opt.skipped_steps",
-                RuntimeWarning, stacklevel=stacklevel)
+                RuntimeWarning, stacklevel=_caller_stacklevel())
 
     # ----------------------------------------------------------------- state
     def _resolve_backend(self):
@@ -325,6 +362,10 @@ class Marthe(torch.optim.Optimizer):
                      for k in states[i] if k.startswith("tangent_")]
             if idle:  # not updated this step: Phi is the identity there, so Z <- mu Z
                 torch._foreach_mul_(idle, torch.where(ok, mu_eff, torch.ones_like(mu_eff)))
+            if self.max_tangent_ratio is not None:
+                safeguards.cap_tangents_(
+                    params, tangents, [t for st in states for k, t in st.items() if k.startswith("tangent_")],
+                    self.max_tangent_ratio, ok)
         for i in used:
             params[i].grad = grads[i]
         self._steps_called += 1
@@ -338,7 +379,7 @@ class Marthe(torch.optim.Optimizer):
                     self._auto_mu(grad_e, grads, ok)
         hp["skipped"].add_((~ok).to(torch.int64))
         if loss.device.type == "cpu":  # reading a CPU flag costs no device sync
-            self._warn_if_skipped(stacklevel=4)  # past step()'s no_grad wrapper, to the caller
+            self._warn_if_skipped()
         return loss
 
     def _gradients(self, closure, params, tangents, need_hvp):
@@ -393,7 +434,9 @@ class Marthe(torch.optim.Optimizer):
         """eta <- max(eta - beta h, 0) (and beta's own adaptation), only where ok."""
         hp = self._hyper
         hp["last_hypergrad"].copy_(h)
-        eta_new = torch.clamp(hp["eta"] - hp["beta"] * h, min=0.0)
+        eta_new = safeguards.next_lr(
+            hp["eta"], hp["beta"], h, norm=self.hypergrad_norm, sq_avg=hp["h_sq_avg"],
+            count=hp["h_count"], decay=self.hypergrad_norm_decay, rho=self.max_lr_change, ok=ok)
         if self.hyper_lr_adapt:
             beta_new = torch.clamp(hp["beta"] + self.hyper_lr_adapt * h * eta_new, min=0.0)
             hp["beta"].copy_(torch.where(ok, beta_new, hp["beta"]))

@@ -1,6 +1,8 @@
 """Run N steps of a fixed problem, optionally resuming from a checkpoint; save the result.
 
-Used by test_optimizer.py in a fresh process: ``fresh N OUT`` or ``resume N OUT CKPT``.
+test_optimizer.py runs the uninterrupted and first-half runs in its own process
+(``train``) and the resumed halves in a fresh one:
+``python checkpoint_worker.py N CONFIG CKPT OUT [CONFIG CKPT OUT ...]``.
 The batches depend only on the global step index, so a resumed run sees the same data.
 """
 import sys
@@ -23,16 +25,15 @@ def batch(step, split):
     return torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
 
 
-def main():
-    config, mode, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+def train(config, n, out, ckpt=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
     kwargs = dict(lr=0.05)
     kwargs.update(CONFIGS[config])
     opt = marthe_ext.Marthe(model.parameters(), **kwargs)
     start = 0
-    if mode == "resume":
-        ckpt = torch.load(sys.argv[5])
+    if ckpt is not None:
+        ckpt = torch.load(ckpt)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         start = ckpt["steps"]
@@ -46,4 +47,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    n, jobs = int(sys.argv[1]), sys.argv[2:]
+    for i in range(0, len(jobs), 3):
+        train(jobs[i], n, jobs[i + 2], ckpt=jobs[i + 1])

@@ -1,0 +1,72 @@
+r"""Safeguards against a runaway learning rate (all off = the faithful algorithm of SPEC §2).
+
+The tangent maths is untouched; these only shape how the hypergradient moves eta, and
+bound the tangent's size. Everything is device-scalar arithmetic or one foreach pass:
+no host synchronisation, the same for every backend.
+
+(a) ``max_lr_change = rho > 1``: the LR moves by at most a factor rho per step,
+
+    .. math:: \eta_{t+1} \in [\eta_t / \rho,\ \rho\, \eta_t].
+
+(b) ``hypergrad_norm``: divide the hypergradient by a running RMS (bias-corrected, decay
+    ``d``), so beta no longer depends on the scale of h (Adam-style meta-updates):
+
+    .. math:: v \leftarrow d v + (1-d) x^2, \quad \hat x = x / \sqrt{v / (1 - d^n)}
+
+    "rms": :math:`x = h` and :math:`\eta \leftarrow \max(\eta - \beta \hat x, 0)`
+    (beta is an absolute LR step). "rms-log": descend in log-space,
+    :math:`x = \eta h = \partial E / \partial \log\eta` and
+    :math:`\eta \leftarrow \eta\, e^{-\beta \hat x}`: beta is a relative step, eta stays
+    positive without a clamp, and :math:`|\log(\eta_{t+1}/\eta_t)| \le \beta/\sqrt{1-d}`.
+
+(c) ``max_tangent_ratio = kappa``: after each update, if
+    :math:`\|Z^w\| > \kappa \|w\|` every tangent block is scaled by
+    :math:`\kappa \|w\| / \|Z^w\|` (direction kept, runaway magnitude cut).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+HYPERGRAD_NORMS = (None, "rms", "rms-log")
+
+
+def normalized(x: Tensor, sq_avg: Tensor, count: Tensor, decay: float, ok: Tensor) -> Tensor:
+    """Update the running mean of x^2 (in place, where ok) and return x / RMS (0 when RMS = 0)."""
+    new_sq = decay * sq_avg + (1 - decay) * x * x
+    new_count = count + 1
+    sq_avg.copy_(torch.where(ok, new_sq, sq_avg))
+    count.copy_(torch.where(ok, new_count, count))
+    v_hat = new_sq / (1 - decay ** new_count)
+    safe = torch.where(v_hat > 0, v_hat, torch.ones_like(v_hat))
+    return torch.where(v_hat > 0, x / torch.sqrt(safe), torch.zeros_like(x))
+
+
+def next_lr(eta: Tensor, beta: Tensor, h: Tensor, *, norm: Optional[str], sq_avg: Tensor,
+            count: Tensor, decay: float, rho: Optional[float], ok: Tensor) -> Tensor:
+    """The LR after one hypergradient step, with the chosen safeguards."""
+    if norm == "rms-log":
+        x = normalized(eta * h, sq_avg, count, decay, ok)
+        eta_new = eta * torch.exp(-beta * x)
+    elif norm == "rms":
+        eta_new = torch.clamp(eta - beta * normalized(h, sq_avg, count, decay, ok), min=0.0)
+    else:
+        eta_new = torch.clamp(eta - beta * h, min=0.0)
+    if rho is not None:
+        eta_new = torch.minimum(torch.maximum(eta_new, eta / rho), eta * rho)
+    return eta_new
+
+
+def cap_tangents_(params: Sequence[Tensor], tangents: Sequence[Tensor],
+                  state_tangents: Sequence[Tensor], kappa: float, ok: Tensor) -> None:
+    """Scale every tangent by min(1, kappa ||w|| / ||Zw||) (in place, where ok)."""
+    if not tangents:
+        return
+    w_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(params))).double())
+    z_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tangents))).double())
+    limit = kappa * w_norm
+    scale = torch.where(ok & (z_norm > limit), limit / torch.clamp(z_norm, min=1e-300),
+                        torch.ones_like(z_norm))
+    torch._foreach_mul_(list(tangents) + list(state_tangents), scale)

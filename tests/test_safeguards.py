@@ -1,0 +1,101 @@
+"""Each safeguard's bound holds step by step on a problem built to make the faithful
+algorithm run away; with the safeguards off the trajectory is the faithful one, bit for bit."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import marthe_ext
+
+F64 = torch.float64
+FAITHFUL = dict(max_lr_change=None, hypergrad_norm=None, max_tangent_ratio=None)
+
+
+def run(steps=25, **kwargs):
+    """A noisy quadratic where a small LR makes h < 0 every step: a large beta sends the
+    faithful algorithm's LR far past the stability limit 2 / lambda_max."""
+    torch.manual_seed(0)
+    n = 20
+    q = torch.randn(n, n, dtype=F64)
+    hess = q @ q.T / n + 0.1 * torch.eye(n, dtype=F64)
+    w = torch.nn.Parameter(torch.randn(n, dtype=F64))
+    opts = dict(lr=1e-3, dynamics="sgdm", mu=0.99, hyper_lr=1.0)
+    opts.update(kwargs)
+    opt = marthe_ext.Marthe([w], **opts)
+    trace = []
+    for t in range(steps):
+        noise = torch.randn(n, dtype=F64, generator=torch.Generator().manual_seed(t)) * 0.01
+        opt.step(lambda: 0.5 * w @ hess @ w + noise @ w)
+        st = opt.state[w]
+        trace.append(dict(eta=opt.lr, w=w.detach().clone(), zw=st["tangent"].clone(),
+                          zv=st["tangent_momentum_buffer"].clone(), skipped=opt.skipped_steps))
+    return trace, 2.0 / float(torch.linalg.eigvalsh(hess).max())
+
+
+def test_faithful_algorithm_runs_away_on_this_problem():
+    trace, limit = run(**FAITHFUL)
+    worst = max(t["eta"] for t in trace)
+    assert worst > 10 * limit or trace[-1]["skipped"] > 0 or not torch.isfinite(trace[-1]["w"]).all()
+
+
+def test_lr_change_bound_holds_every_step():
+    rho = 1.5
+    trace, _ = run(max_lr_change=rho)
+    etas = [1e-3] + [t["eta"] for t in trace]
+    for a, b in zip(etas, etas[1:]):
+        assert a / rho * (1 - 1e-12) <= b <= a * rho * (1 + 1e-12)
+    assert trace[-1]["skipped"] == 0
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.99])
+def test_log_space_rms_step_is_bounded_and_positive(decay):
+    beta = 0.05
+    trace, _ = run(hyper_lr=beta, hypergrad_norm="rms-log", hypergrad_norm_decay=decay)
+    etas = [1e-3] + [t["eta"] for t in trace]
+    bound = beta / math.sqrt(1 - decay)
+    for a, b in zip(etas, etas[1:]):
+        assert b > 0
+        assert abs(math.log(b / a)) <= bound * (1 + 1e-9)
+    assert len(set(etas)) > 3, "the LR must move"
+
+
+def test_rms_normalised_step_is_bounded():
+    beta, decay = 1e-3, 0.99
+    trace, _ = run(hyper_lr=beta, hypergrad_norm="rms", hypergrad_norm_decay=decay)
+    etas = [1e-3] + [t["eta"] for t in trace]
+    for a, b in zip(etas, etas[1:]):
+        assert abs(b - a) <= beta / math.sqrt(1 - decay) * (1 + 1e-9)
+        assert b >= 0
+
+
+def test_tangent_norm_cap_holds_every_step():
+    kappa = 0.5
+    trace, _ = run(max_tangent_ratio=kappa, hyper_lr=1e-2)
+    capped = 0
+    finite = [t for t in trace if torch.isfinite(t["w"]).all() and torch.isfinite(t["zw"]).all()]
+    assert len(finite) > 5
+    for t in finite:
+        ratio = float(t["zw"].norm() / t["w"].norm())
+        assert ratio <= kappa * (1 + 1e-12)
+        capped += ratio > kappa * (1 - 1e-9)
+    assert capped > 0, "the cap must have been active on this problem"
+
+
+def test_safeguards_off_is_bit_identical_to_the_faithful_algorithm():
+    explicit, _ = run(**FAITHFUL)
+    default, _ = run()
+    for a, b in zip(explicit, default):
+        assert a["eta"] == b["eta"]
+        assert torch.equal(a["w"], b["w"]) and torch.equal(a["zw"], b["zw"])
+
+
+def test_safeguard_arguments_are_validated():
+    w = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="max_lr_change"):
+        marthe_ext.Marthe(w, max_lr_change=0.5)
+    with pytest.raises(ValueError, match="hypergrad_norm"):
+        marthe_ext.Marthe(w, hypergrad_norm="adam")
+    with pytest.raises(ValueError, match="max_tangent_ratio"):
+        marthe_ext.Marthe(w, max_tangent_ratio=0.0)
