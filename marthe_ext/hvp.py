@@ -70,19 +70,36 @@ def check_model_holds(model: torch.nn.Module, params: Sequence[Tensor]) -> None:
 
 
 @contextlib.contextmanager
-def _replayed_rng(devices: Sequence[torch.device]):
-    """Yield a function that rewinds the RNG to its state at entry (dropout masks repeat)."""
+def exact_float32():
+    """Switch TF32 off for matmuls and cuDNN convolutions (finite differences of float32
+    quantities are otherwise dominated by TF32's 10-bit mantissa rounding)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+@contextlib.contextmanager
+def replayed_rng(devices: Sequence[torch.device]):
+    """Yield a function that rewinds the RNG to its state at entry (dropout masks repeat).
+
+    Nothing is restored on exit: after the last replay the generators stand where one
+    evaluation of the closure leaves them, so the next step draws fresh randomness.
+    """
     cuda_ids = sorted({d.index or 0 for d in devices if d.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda_ids):
-        cpu_state = torch.get_rng_state()
-        cuda_states = [torch.cuda.get_rng_state(i) for i in cuda_ids]
+    cpu_state = torch.get_rng_state()
+    cuda_states = [torch.cuda.get_rng_state(i) for i in cuda_ids]
 
-        def rewind():
-            torch.set_rng_state(cpu_state)
-            for i, s in zip(cuda_ids, cuda_states):
-                torch.cuda.set_rng_state(s, i)
+    def rewind():
+        torch.set_rng_state(cpu_state)
+        for i, s in zip(cuda_ids, cuda_states):
+            torch.cuda.set_rng_state(s, i)
 
-        yield rewind
+    yield rewind
 
 
 def _grad(loss: Tensor, params: Sequence[Tensor], create_graph: bool = False) -> list[Optional[Tensor]]:
@@ -145,7 +162,7 @@ def module_buffers(model: Optional[torch.nn.Module]) -> list[Tensor]:
 def fd_engine(closure, params, tangents, need_hvp: bool, model=None):
     if not need_hvp:
         return reverse_engine(closure, params, tangents, False)
-    with _replayed_rng([p.device for p in params]) as rewind:
+    with replayed_rng([p.device for p in params]) as rewind, exact_float32():
         with torch.enable_grad():
             loss = call_closure(closure)
             grads = _grad(loss, params)
@@ -178,3 +195,46 @@ def fd_engine(closure, params, tangents, need_hvp: bool, model=None):
 
 
 ENGINES = {"reverse": reverse_engine, "forward": forward_engine, "fd": fd_engine}
+EXACT_ENGINES = ("reverse", "forward")
+
+
+def time_engines(closure, params, tangents, model=None):
+    """Run every exact engine that can work here once on this step's batch and time it.
+
+    The RNG is replayed for each run (same dropout mask) and module buffers are restored to
+    the state the first run left, so the step counts once. Returns (the first run's
+    result, the fastest engine's name, {name: seconds}, {name: reason it failed}).
+    """
+    import time
+
+    names = [n for n in EXACT_ENGINES if n != "forward" or model is not None]
+    devices = [p.device for p in params]
+    on_cuda = any(d.type == "cuda" for d in devices)
+    buffers = module_buffers(model)
+    before = [b.clone() for b in buffers]
+    result, after, timings, failures = None, None, {}, {}
+    with replayed_rng(devices) as rewind:
+        for name in names:
+            rewind()
+            with torch.no_grad():
+                for b, s in zip(buffers, before):
+                    b.copy_(s)
+            if on_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            try:
+                out = ENGINES[name](closure, params, tangents, True, model)
+            except (RuntimeError, NotImplementedError) as exc:
+                failures[name] = f"{type(exc).__name__}: {exc}"
+                continue
+            if on_cuda:
+                torch.cuda.synchronize()
+            timings[name] = time.perf_counter() - start
+            if result is None:
+                result, after = out, [b.clone() for b in buffers]
+    if result is None:
+        raise RuntimeError(f"no HVP engine works for this model: {failures}")
+    with torch.no_grad():
+        for b, s in zip(buffers, after):
+            b.copy_(s)
+    return result, min(timings, key=timings.get), timings, failures

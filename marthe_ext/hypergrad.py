@@ -6,7 +6,8 @@
   one forward pass, no backward, no gradient in memory. Exact, but unclipped: it equals
   "grad" whenever no component of grad E exceeds the clip. Needs ``Marthe(model=...)``.
 * "fd": the central difference ``(E(w + r Zw) - E(w - r Zw)) / 2r`` under no_grad,
-  two forward passes; approximate. Weights are restored bit-exactly.
+  two forward passes, TF32 off during them; approximate: ``opt.last_hypergrad_error``
+  reports the rounding-error bound of each estimate. Weights are restored bit-exactly.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .hvp import _fd_step, call_closure, swapped_parameters
+from .hvp import _fd_step, call_closure, exact_float32, swapped_parameters
 
 HYPERGRAD_MODES = ("grad", "jvp", "fd")
 
@@ -39,15 +40,20 @@ def jvp_hypergrad(val_closure, params: Sequence[Tensor], tangents: Sequence[Tens
     return tangent.to(torch.float64)
 
 
-def fd_hypergrad(val_closure, params: Sequence[Tensor], tangents: Sequence[Tensor]) -> Tensor:
+def fd_hypergrad(val_closure, params: Sequence[Tensor], tangents: Sequence[Tensor]):
+    """Returns (h, err): err bounds the rounding error of the difference,
+    ``eps (|E+| + |E-|) / 2r`` with eps the loss dtype's machine epsilon (the truncation
+    error is O(r^2) and far smaller at the chosen r)."""
     w = [p.detach() for p in params]
     saved = [x.clone() for x in w]
     r = _fd_step(w, tangents)
     step = torch._foreach_mul(list(tangents), r)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), exact_float32():
             torch._foreach_add_(w, step)
-            e_plus = call_closure(val_closure, "val_closure").double()
+            e_plus = call_closure(val_closure, "val_closure")
+            loss_dtype = e_plus.dtype
+            e_plus = e_plus.double()
             torch._foreach_copy_(w, saved)
             torch._foreach_sub_(w, step)
             e_minus = call_closure(val_closure, "val_closure").double()
@@ -55,4 +61,7 @@ def fd_hypergrad(val_closure, params: Sequence[Tensor], tangents: Sequence[Tenso
         with torch.no_grad():
             torch._foreach_copy_(w, saved)
     safe_r = torch.where(r > 0, r, torch.ones_like(r))
-    return torch.where(r > 0, (e_plus - e_minus) / (2 * safe_r), torch.zeros_like(r))
+    h = torch.where(r > 0, (e_plus - e_minus) / (2 * safe_r), torch.zeros_like(r))
+    eps = torch.finfo(loss_dtype).eps
+    err = torch.where(r > 0, eps * (e_plus.abs() + e_minus.abs()) / (2 * safe_r), torch.zeros_like(r))
+    return h, err

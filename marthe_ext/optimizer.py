@@ -32,7 +32,7 @@ from torch import Tensor
 from . import _profiling, safeguards
 from .backends import BACKENDS, select_backend
 from .backends.api import DYNAMICS, STATE_NAMES, GroupBuffers, GroupOptions, make_coeffs
-from .hvp import ENGINES, HVP_ENGINES, check_model_holds
+from .hvp import ENGINES, HVP_ENGINES, check_model_holds, time_engines
 from .hypergrad import HYPERGRAD_MODES, fd_hypergrad, jvp_hypergrad, validation_gradient
 
 _GROUP_KEYS = {"params", "lr_scale", "weight_decay", "name"}
@@ -94,9 +94,10 @@ class Marthe(torch.optim.Optimizer):
         hyper_lr: beta, the LR's own step size (>= 0).
         hyper_lr_adapt: alpha >= 0; when > 0, ``beta = max(beta + alpha h eta, 0)`` each step.
         grad_clip: elementwise clip c of the gradient and of the HVP (None: no clipping).
-        hvp: Hessian-vector product engine, "reverse" | "forward" | "fd" | "auto" (forward
-            when ``model`` is given and works for it, else reverse; decided on the first
-            step, reported by ``opt.hvp_engine``).
+        hvp: Hessian-vector product engine, "reverse" | "forward" | "fd" | "auto" (the
+            faster of the exact engines that work for the model -- forward needs ``model``
+            -- timed once on the first step that needs an HVP; ``opt.hvp_engine`` and
+            ``opt.hvp_timings`` report the choice).
         hypergrad: how ``<grad E, Zw>`` is computed in validation mode, "grad" | "jvp" | "fd".
         backend: "auto" | "torch" | "triton" | "cuda" | "cpu" (or $MARTHE_BACKEND).
         max_lr_change: safeguard (a), rho > 1: eta moves by at most a factor rho per step.
@@ -210,6 +211,8 @@ class Marthe(torch.optim.Optimizer):
         self._backend = None
         self.hvp_engine: Optional[str] = None if hvp == "auto" else hvp
         self._skip_warned = False
+        self._fd_error: Optional[Tensor] = None
+        self.hvp_timings: dict[str, float] = {}  # hvp="auto": seconds per engine, first step
 
     # ----------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict) -> None:
@@ -258,6 +261,11 @@ class Marthe(torch.optim.Optimizer):
     @property
     def last_hypergrad(self) -> float:
         return float(self._hyper["last_hypergrad"])
+
+    @property
+    def last_hypergrad_error(self) -> Optional[float]:
+        """hypergrad="fd" only: a bound on the last estimate's rounding error (else None)."""
+        return None if self._fd_error is None else float(self._fd_error)
 
     @property
     def skipped_steps(self) -> int:
@@ -384,18 +392,15 @@ class Marthe(torch.optim.Optimizer):
 
     def _gradients(self, closure, params, tangents, need_hvp):
         engine_tangents = [z.to(p.dtype) for p, z in zip(params, tangents)]
-        if self.hvp_engine is None:  # hvp="auto": decided on the first step that needs an HVP
+        if self.hvp_engine is None:  # hvp="auto": timed once, on the first step with an HVP
             if not need_hvp:
                 return ENGINES["reverse"](closure, params, engine_tangents, False)
-            if self.model is not None:
-                try:
-                    out = ENGINES["forward"](closure, params, engine_tangents, True, self.model)
-                    self.hvp_engine = "forward"
-                    return out
-                except (RuntimeError, NotImplementedError) as exc:
-                    warnings.warn(f"marthe_ext: hvp='forward' failed for this model ({exc}); "
-                                  f"using hvp='reverse'", RuntimeWarning, stacklevel=3)
-            self.hvp_engine = "reverse"
+            out, self.hvp_engine, self.hvp_timings, failures = time_engines(
+                closure, params, engine_tangents, self.model)
+            for name, reason in failures.items():
+                warnings.warn(f"marthe_ext: hvp={name!r} does not work for this model ({reason})",
+                              RuntimeWarning, stacklevel=_caller_stacklevel())
+            return out
         return ENGINES[self.hvp_engine](closure, params, engine_tangents, need_hvp, self.model)
 
     def _partitions(self, params, states, grads, hvps, by_id):
@@ -454,7 +459,8 @@ class Marthe(torch.optim.Optimizer):
         zs = [z.to(p.dtype) for p, z in zip(params, tangents)]
         if self.hypergrad == "jvp":
             return jvp_hypergrad(val_closure, params, zs, self.model), None
-        return fd_hypergrad(val_closure, params, zs), None
+        h, self._fd_error = fd_hypergrad(val_closure, params, zs)
+        return h, None
 
     def _auto_mu(self, grad_e, grads, ok: Tensor) -> None:
         """The authors' rule: q = eta / <gE, gc>, z = clip(q, 0, 1), c <- c sign(mu) + mu,

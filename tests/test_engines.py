@@ -130,13 +130,52 @@ def test_jvp_hypergrad_needs_model():
         marthe_ext.Marthe(mlp().parameters(), hypergrad="jvp")
 
 
-def test_hvp_auto_picks_forward_with_model_and_reverse_without():
-    torch.manual_seed(0)
-    x, y = torch.randn(5, 6, dtype=F64), torch.randint(0, 3, (5,))
-    for with_model, expected in ((True, "forward"), (False, "reverse")):
-        model = mlp()
-        opt = marthe_ext.Marthe(model.parameters(), lr=0.05, mu=0.9, hvp="auto",
-                                model=model if with_model else None)
-        for _ in range(2):
-            opt.step(lambda: nn.functional.cross_entropy(model(x), y))
-        assert opt.hvp_engine == expected
+@pytest.mark.parametrize("name", ["bn_train", "dropout"])
+def test_hvp_auto_times_the_exact_engines_once_and_steps_like_reverse(name):
+    runs = {}
+    for hvp in ("auto", "reverse"):
+        torch.manual_seed(1)
+        model, closure, params, _ = _setup(name)
+        opt = marthe_ext.Marthe(params, lr=0.05, mu=0.9, hvp=hvp, model=model)
+        torch.manual_seed(2)
+        for _ in range(3):
+            opt.step(closure)
+        runs[hvp] = (opt, [p.detach().clone() for p in params], [b.clone() for b in model.buffers()])
+    opt = runs["auto"][0]
+    assert set(opt.hvp_timings) == {"reverse", "forward"}
+    assert opt.hvp_engine == min(opt.hvp_timings, key=opt.hvp_timings.get)
+    # Same batch statistics, dropout masks and buffer updates as a run without the timing.
+    assert rel_err(runs["auto"][1], runs["reverse"][1]) < 1e-12
+    for a, b in zip(runs["auto"][2], runs["reverse"][2]):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)
+
+
+def test_hvp_auto_without_model_uses_reverse():
+    model, closure, params, _ = _setup("mlp")
+    opt = marthe_ext.Marthe(params, lr=0.05, mu=0.9, hvp="auto")
+    for _ in range(2):
+        opt.step(closure)
+    assert opt.hvp_engine == "reverse" and set(opt.hvp_timings) == {"reverse"}
+
+
+def test_fd_hypergrad_reports_an_error_bound():
+    model, closure, params, _ = _setup("mlp")
+    opt = marthe_ext.Marthe(params, lr=0.05, mu=0.9, hypergrad="fd")
+    assert opt.last_hypergrad_error is None
+    opt.step(closure, closure)
+    opt.step(closure, closure)
+    assert 0 < opt.last_hypergrad_error < 1e-6 * abs(opt.last_hypergrad)
+
+
+def test_fd_engine_draws_fresh_dropout_masks_each_step():
+    runs = {}
+    for hvp in ("fd", "reverse"):
+        torch.manual_seed(1)
+        model, closure, params, _ = _setup("dropout")
+        opt = marthe_ext.Marthe(params, lr=0.05, mu=0.9, hvp=hvp, model=model)
+        torch.manual_seed(2)
+        for _ in range(3):
+            opt.step(closure)
+        runs[hvp] = ([p.detach().clone() for p in params], torch.rand(3))
+    assert rel_err(runs["fd"][0], runs["reverse"][0]) < 1e-7
+    assert torch.equal(runs["fd"][1], runs["reverse"][1]), "the RNG advanced as in a plain step"
