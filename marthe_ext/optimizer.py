@@ -32,7 +32,7 @@ from torch import Tensor
 from . import _profiling, safeguards
 from .backends import BACKENDS, select_backend
 from .backends.api import DYNAMICS, STATE_NAMES, GroupBuffers, GroupOptions, make_coeffs
-from .hvp import ENGINES, HVP_ENGINES, check_model_holds, time_engines
+from .hvp import ENGINES, HVP_ENGINES, check_model_holds, module_buffers, time_engines
 from .hypergrad import HYPERGRAD_MODES, fd_hypergrad, jvp_hypergrad, validation_gradient
 
 _GROUP_KEYS = {"params", "lr_scale", "weight_decay", "name"}
@@ -312,8 +312,15 @@ class Marthe(torch.optim.Optimizer):
     # ----------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] = None,
-             val_closure: Optional[Callable[[], Tensor]] = None) -> Tensor:
-        """One MARTHE step; returns the training loss (detached)."""
+             val_closure: Optional[Callable[[], Tensor]] = None, *,
+             hvp_closure: Optional[Callable[[], Tensor]] = None) -> Tensor:
+        """One MARTHE step; returns the training loss (detached).
+
+        ``hvp_closure`` (optional, an approximation): a loss on a sub-batch of this step's
+        batch; the HVP is then taken on it instead of the full batch (H estimated on fewer
+        samples, cheaper), while the gradient still comes from ``closure``. Module buffers
+        (BatchNorm statistics) are restored after it when ``model`` was given.
+        """
         if closure is None or not callable(closure):
             raise TypeError("Marthe.step needs closure: a callable returning the training loss "
                             "(it must not call backward)")
@@ -330,8 +337,18 @@ class Marthe(torch.optim.Optimizer):
         tangents = [s["tangent"] for s in states]
         need_hvp = (self.mu_auto or self._mu_fixed != 0.0) and self._steps_called > 0
 
+        if hvp_closure is not None and not callable(hvp_closure):
+            raise TypeError("hvp_closure must be a callable returning a sub-batch training loss")
         with _profiling.phase("gradient+hvp"):
-            loss, grads, hvps = self._gradients(closure, params, tangents, need_hvp)
+            if hvp_closure is None or not need_hvp:
+                loss, grads, hvps = self._gradients(closure, params, tangents, need_hvp)
+            else:
+                loss, grads, _ = self._gradients(closure, params, tangents, False)
+                buffers = module_buffers(self.model)
+                saved = [b.clone() for b in buffers]
+                _, _, hvps = self._gradients(hvp_closure, params, tangents, True)
+                for b, s in zip(buffers, saved):
+                    b.copy_(s)
         for i, g in enumerate(grads):
             if g is not None and g.is_sparse:
                 raise ValueError(f"Marthe does not support sparse gradients (parameter {i}); "

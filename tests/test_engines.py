@@ -179,3 +179,30 @@ def test_fd_engine_draws_fresh_dropout_masks_each_step():
         runs[hvp] = ([p.detach().clone() for p in params], torch.rand(3))
     assert rel_err(runs["fd"][0], runs["reverse"][0]) < 1e-7
     assert torch.equal(runs["fd"][1], runs["reverse"][1]), "the RNG advanced as in a plain step"
+
+
+def test_hvp_on_a_sub_batch_equals_the_hvp_of_the_sub_batch_loss():
+    torch.manual_seed(0)
+    model = bn_cnn()
+    x, y = torch.randn(8, 2, 5, 5, dtype=F64), torch.randint(0, 3, (8,))
+    twin = copy.deepcopy(model)
+    full = lambda m: nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    sub = lambda m: nn.functional.cross_entropy(m(x[:4]), y[:4])  # noqa: E731
+    opt = marthe_ext.Marthe(model.parameters(), lr=0.05, mu=0.9, hyper_lr=0.0, model=model)
+    opt.step(lambda: full(model))
+    tangents = [opt.state[p]["tangent"].clone() for p in model.parameters()]
+    twin.load_state_dict(model.state_dict())
+    opt.step(lambda: full(model), hvp_closure=lambda: sub(model))
+    # The same step by hand: gradient from the full batch, HVP from the sub-batch only.
+    params = list(twin.parameters())
+    _, g, _ = ENGINES["reverse"](lambda: full(twin), params, tangents, False)
+    buffers = [b.clone() for b in twin.buffers()]
+    _, _, hv = ENGINES["reverse"](lambda: sub(twin), params, tangents, True)
+    for b, s in zip(twin.buffers(), buffers):
+        b.copy_(s)
+    for p, gi in zip(model.parameters(), g):
+        assert torch.equal(p.grad, gi)
+    for b, s in zip(model.buffers(), twin.buffers()):
+        assert torch.equal(b, s), "BatchNorm statistics move once, with the full batch"
+    z_sgd = [0.9 * (z - 0.05 * h) - gi for z, h, gi in zip(tangents, hv, g)]
+    assert rel_err([opt.state[p]["tangent"] for p in model.parameters()], z_sgd) < 1e-12
