@@ -1,4 +1,7 @@
-"""NVTX ranges around the phases of ``Marthe.step`` for Nsight Systems.
+"""NVTX ranges around the phases of ``Marthe.step`` for Nsight Systems: ``marthe.gradient``,
+``marthe.hvp`` (one ``marthe.gradient+hvp`` range for the forward engine, which does both
+in one pass), ``marthe.fused_update`` and ``marthe.hypergradient``. No "/" in the names:
+ncu's ``--nvtx-include`` reads it as nesting.
 
 Off unless ``MARTHE_NVTX=1`` is set when marthe_ext is imported (or ``enable(True)``
 is called): then each phase pushes an NVTX range. When off, ``phase`` returns a shared
@@ -22,7 +25,7 @@ def enable(flag: bool = True) -> None:
 
 @contextlib.contextmanager
 def _nvtx_range(name: str):
-    torch.cuda.nvtx.range_push(f"marthe/{name}")
+    torch.cuda.nvtx.range_push(f"marthe.{name}")
     try:
         yield
     finally:

@@ -26,6 +26,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from . import _profiling
+
 HVP_ENGINES = ("auto", "reverse", "forward", "fd")
 
 
@@ -108,16 +110,18 @@ def _grad(loss: Tensor, params: Sequence[Tensor], create_graph: bool = False) ->
 
 def reverse_engine(closure, params, tangents, need_hvp: bool, model=None):
     with torch.enable_grad():
-        loss = call_closure(closure)
-        grads = _grad(loss, params, create_graph=need_hvp)
+        with _profiling.phase("gradient"):
+            loss = call_closure(closure)
+            grads = _grad(loss, params, create_graph=need_hvp)
         if not need_hvp:
             return loss.detach(), grads, None
         idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         hvps: list[Optional[Tensor]] = [None] * len(params)
         if idx:
-            out = torch.autograd.grad(
-                [grads[i] for i in idx], params,
-                grad_outputs=[tangents[i] for i in idx], allow_unused=True)
+            with _profiling.phase("hvp"):
+                out = torch.autograd.grad(
+                    [grads[i] for i in idx], params,
+                    grad_outputs=[tangents[i] for i in idx], allow_unused=True)
             hvps = list(out)
     return loss.detach(), [None if g is None else g.detach() for g in grads], hvps
 
@@ -127,7 +131,7 @@ def forward_engine(closure, params, tangents, need_hvp: bool, model=None):
         raise ValueError("hvp='forward' needs the model: Marthe(..., model=my_module)")
     if not need_hvp:
         return reverse_engine(closure, params, tangents, False)
-    with torch.enable_grad(), fwAD.dual_level():
+    with _profiling.phase("gradient+hvp"), torch.enable_grad(), fwAD.dual_level():
         duals = {id(p): fwAD.make_dual(p, z) for p, z in zip(params, tangents)}
         with swapped_parameters(model, duals):
             loss = call_closure(closure)
@@ -163,7 +167,7 @@ def fd_engine(closure, params, tangents, need_hvp: bool, model=None):
     if not need_hvp:
         return reverse_engine(closure, params, tangents, False)
     with replayed_rng([p.device for p in params]) as rewind, exact_float32():
-        with torch.enable_grad():
+        with _profiling.phase("gradient"), torch.enable_grad():
             loss = call_closure(closure)
             grads = _grad(loss, params)
         # The first evaluation is the training step: its buffer updates (BatchNorm running
@@ -176,7 +180,7 @@ def fd_engine(closure, params, tangents, need_hvp: bool, model=None):
             torch._foreach_add_([p.detach() for p in params], torch._foreach_mul(list(tangents), r))
         rewind()
         try:
-            with torch.enable_grad():
+            with _profiling.phase("hvp"), torch.enable_grad():
                 grads_probe = _grad(call_closure(closure), params)
         finally:
             with torch.no_grad():

@@ -339,16 +339,20 @@ class Marthe(torch.optim.Optimizer):
 
         if hvp_closure is not None and not callable(hvp_closure):
             raise TypeError("hvp_closure must be a callable returning a sub-batch training loss")
-        with _profiling.phase("gradient+hvp"):
-            if hvp_closure is None or not need_hvp:
-                loss, grads, hvps = self._gradients(closure, params, tangents, need_hvp)
-            else:
-                loss, grads, _ = self._gradients(closure, params, tangents, False)
-                buffers = module_buffers(self.model)
-                saved = [b.clone() for b in buffers]
-                _, _, hvps = self._gradients(hvp_closure, params, tangents, True)
-                for b, s in zip(buffers, saved):
-                    b.copy_(s)
+        if hvp_closure is None or not need_hvp:
+            loss, grads, hvps = self._gradients(closure, params, tangents, need_hvp)
+        else:
+            loss, grads, _ = self._gradients(closure, params, tangents, False)
+            buffers = module_buffers(self.model)
+            saved = [b.clone() for b in buffers]
+            _, _, hvps = self._gradients(hvp_closure, params, tangents, True)
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+        # The fused kernels index tensors flat: conv HVPs (and some grads) come back
+        # with permuted strides. contiguous() is free for the usual contiguous case.
+        grads = [None if g is None else g.contiguous() for g in grads]
+        if hvps is not None:
+            hvps = [None if h is None else h.contiguous() for h in hvps]
         for i, g in enumerate(grads):
             if g is not None and g.is_sparse:
                 raise ValueError(f"Marthe does not support sparse gradients (parameter {i}); "

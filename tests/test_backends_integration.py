@@ -99,3 +99,23 @@ def test_non_finite_step_is_skipped_by_the_fast_backend(backend):
         for name, t in before["state"][k].items():
             assert torch.equal(t, after["state"][k][name])
     assert torch.equal(before["marthe"]["step"], after["marthe"]["step"])
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton),
+                                     pytest.param("cpu", marks=pytest.mark.ext)])
+def test_conv_net_with_strided_hvps(backend):
+    """Conv weights' double-backward HVPs come back with permuted strides: the optimizer
+    hands the kernels contiguous buffers."""
+    backend_or_skip(backend)
+    results = {}
+    for name in ("torch", backend):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 4 * 4, 3))
+        x, y = torch.randn(5, 2, 6, 6), torch.randint(0, 3, (5,))
+        opt = marthe_ext.Marthe(model.parameters(), lr=0.05, dynamics="sgdm", mu=0.9, hyper_lr=1e-4,
+                                backend=name)
+        for _ in range(3):
+            opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+        results[name] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert rel(results[backend], results["torch"]) < 1e-5
