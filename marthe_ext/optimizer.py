@@ -348,15 +348,15 @@ class Marthe(torch.optim.Optimizer):
             _, _, hvps = self._gradients(hvp_closure, params, tangents, True)
             for b, s in zip(buffers, saved):
                 b.copy_(s)
+        for i, g in enumerate(grads):
+            if g is not None and g.is_sparse:
+                raise ValueError(f"Marthe does not support sparse gradients (parameter {i}); "
+                                 f"use dense gradients, e.g. nn.Embedding(sparse=False)")
         # The fused kernels index tensors flat: conv HVPs (and some grads) come back
         # with permuted strides. contiguous() is free for the usual contiguous case.
         grads = [None if g is None else g.contiguous() for g in grads]
         if hvps is not None:
             hvps = [None if h is None else h.contiguous() for h in hvps]
-        for i, g in enumerate(grads):
-            if g is not None and g.is_sparse:
-                raise ValueError(f"Marthe does not support sparse gradients (parameter {i}); "
-                                 f"use dense gradients, e.g. nn.Embedding(sparse=False)")
 
         used = [i for i, g in enumerate(grads) if g is not None]
         checked = [grads[i] for i in used]
