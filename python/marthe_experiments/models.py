@@ -1,0 +1,113 @@
+"""The networks of the experiments.
+
+* ``mlp``: the paper's E1 network (784-500-500-500-10 ReLU) or any widths.
+* ``vgg``: a CIFAR-style VGG (3x3 conv + BatchNorm + ReLU blocks, max-pooling, a linear
+  classifier on globally pooled features), VGG-11's layout with fewer channels.
+* ``resnet``: a CIFAR-style ResNet (3x3 stem, BasicBlocks in stages of doubling width,
+  global average pooling), ResNet-18's layout with fewer channels or blocks.
+
+Both CNNs accept any input with at least 8x8 pixels and any number of channels, so the
+same code runs on 8x8 digits, 28x28 Fashion-MNIST and 32x32 CIFAR-10.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+MODELS = ("mlp", "vgg", "resnet")
+
+# VGG-11's sequence of conv widths ("M" = 2x2 max-pool), scaled by ``width / 64``.
+_VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+def mlp(in_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class VGG(nn.Module):
+    """VGG-11's conv layout with ``width`` channels in the first block (64 in the original).
+
+    Pooling stops when the feature map reaches 1x1, so small inputs skip the last pools.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16, image_size: int = 32):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, size = in_channels, image_size
+        for item in _VGG11:
+            if item == "M":
+                if size >= 2:
+                    layers.append(nn.MaxPool2d(2))
+                    size //= 2
+                continue
+            out = max(1, item * width // 64)
+            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True)]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet-18's layout (4 stages of ``blocks`` BasicBlocks, widths w, 2w, 4w, 8w)."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16,
+                 blocks: Sequence[int] = (2, 2, 2, 2)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        stages, cin = [], width
+        for i, n in enumerate(blocks):
+            cout = width * 2 ** i
+            for j in range(n):
+                stages.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, *,
+                hidden: Sequence[int] = (500, 500, 500), width: int = 16,
+                blocks: Sequence[int] = (2, 2, 2, 2)) -> nn.Module:
+    """A model for inputs of shape (C, H, W)."""
+    c, h, w = input_shape
+    if name == "mlp":
+        return mlp(c * h * w, hidden, num_classes)
+    if name == "vgg":
+        return VGG(c, num_classes, width=width, image_size=min(h, w))
+    if name == "resnet":
+        return ResNet(c, num_classes, width=width, blocks=blocks)
+    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
