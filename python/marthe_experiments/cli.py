@@ -1,4 +1,4 @@
-"""Command line: ``python python/run.py {demo,e1,e2} [options]`` (or ``python -m marthe_experiments``)."""
+"""Command line: ``python python/run.py {demo,e1,e2,safeguards} [options]`` (or ``python -m marthe_experiments``)."""
 from __future__ import annotations
 
 import argparse
@@ -134,6 +134,11 @@ def _device(name: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["safeguards"]:  # the issue-8 study has its own parser
+        from .safeguard_study import main as safeguard_main
+
+        return safeguard_main(argv[1:])
     args = build_parser().parse_args(argv)
     # The torch reference backend is the expected path on CPU; saying so on every run is noise.
     warnings.filterwarnings("ignore", message="marthe_ext. no fast backend")
