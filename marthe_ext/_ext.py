@@ -37,7 +37,8 @@ class ExtensionUnavailable(RuntimeError):
 
 
 _lock = threading.Lock()
-_modules: dict[str, ModuleType] = {}
+_modules: dict[str, ModuleType] = {}  # installed (prebuilt) builds
+_jit_modules: dict[str, ModuleType] = {}  # built on first use in this process
 _reasons: dict[str, str] = {}  # kind -> why the last attempt failed
 _jit_failed: dict[str, str] = {}  # kind -> why the JIT build failed (not retried)
 
@@ -147,6 +148,10 @@ def load_extension(kind: str, allow_jit: bool = True) -> ModuleType:
     with _lock:
         if kind in _modules:
             return _modules[kind]
+        # An explicit request may have JIT-built the module in this process; "auto" still
+        # ignores it, so that what "auto" picks does not depend on the process's history.
+        if allow_jit and kind in _jit_modules:
+            return _jit_modules[kind]
         try:
             module = _import_prebuilt(kind)
         except ImportError as exc:
@@ -173,7 +178,7 @@ def load_extension(kind: str, allow_jit: bool = True) -> ModuleType:
         except Exception as exc:  # compiler or linker error: keep the log for the user
             _jit_failed[kind] = f"{prebuilt}; the JIT build failed: {type(exc).__name__}: {exc}"
             raise _fail(kind, _jit_failed[kind]) from exc
-        _modules[kind] = module
+        _jit_modules[kind] = module
         _reasons.pop(kind, None)
         return module
 

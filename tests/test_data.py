@@ -1,16 +1,13 @@
 """Data loading for the experiments: IDX and CIFAR readers, errors, seeded splits."""
 import gzip
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
-from marthe_experiments.data import (  # noqa: E402
+from marthe_experiments.data import (
     FASHION_MNIST_DIR, DataError, load_cifar10, load_idx_dataset, load_raw, load_splits, make_splits,
     read_idx, write_idx)
 

@@ -2,33 +2,21 @@
 the trainers, and E1 / E2 / the demo end to end on tiny data."""
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+from marthe_experiments import cli
+from marthe_experiments.demo import DemoConfig, run_demo
+from marthe_experiments.e1 import e1_config, e1_methods, run_e1
+from marthe_experiments.e2 import E2_METHODS, e2_config, family_of, run_e2, sample_configs
+from marthe_experiments.lrs_opt import Unroll, optimise_schedule
+from marthe_experiments.methods import MethodSpec, Protocol, Trainer, availability
+from marthe_experiments.models import build_model, mlp
+from marthe_experiments.training import batch_schedule, evaluate, train_run
 
-from marthe_experiments import cli  # noqa: E402
-from marthe_experiments.demo import DemoConfig, run_demo  # noqa: E402
-from marthe_experiments.e1 import e1_config, e1_methods, run_e1  # noqa: E402
-from marthe_experiments.e2 import E2_METHODS, e2_config, family_of, run_e2, sample_configs  # noqa: E402
-from marthe_experiments.lrs_opt import Unroll, optimise_schedule  # noqa: E402
-from marthe_experiments.methods import MethodSpec, Protocol, Trainer, availability  # noqa: E402
-from marthe_experiments.models import build_model, mlp  # noqa: E402
-from marthe_experiments.training import batch_schedule, evaluate, train_run  # noqa: E402
-
-pytestmark = pytest.mark.filterwarnings("ignore:marthe_ext. no fast backend")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is as fast, and many times faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore:marthe_ext. no fast backend"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _tiny_problem(T=7, k=None, dtype=torch.float64):

@@ -2,26 +2,13 @@
 import csv
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+from marthe_experiments import safeguard_study as study
 
-from marthe_experiments import safeguard_study as study  # noqa: E402
-
-pytestmark = pytest.mark.filterwarnings("ignore:marthe_ext. no fast backend")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and many times faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore:marthe_ext. no fast backend"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def test_quick_study_end_to_end(tmp_path):
