@@ -101,6 +101,8 @@ class Marthe(torch.optim.Optimizer):
         hypergrad: how ``<grad E, Zw>`` is computed in validation mode, "grad" | "jvp" | "fd".
         backend: "auto" | "torch" | "triton" | "cuda" | "cpu" (or $MARTHE_BACKEND).
         max_lr_change: safeguard (a), rho > 1: eta moves by at most a factor rho per step.
+        max_lr_growth: safeguard (a'), rho_up > 1: eta grows by at most a factor rho_up per
+            step; decreases are not bounded.
         hypergrad_norm: safeguard (b), None | "rms" | "rms-log": divide h by its running
             RMS (decay ``hypergrad_norm_decay``); "rms-log" steps in log eta (beta is then
             a relative step and eta stays positive).
@@ -136,6 +138,7 @@ class Marthe(torch.optim.Optimizer):
         backend: str = "auto",
         model: Optional[torch.nn.Module] = None,
         max_lr_change: Optional[float] = None,
+        max_lr_growth: Optional[float] = None,
         hypergrad_norm: Optional[str] = None,
         hypergrad_norm_decay: float = 0.99,
         max_tangent_ratio: Optional[float] = None,
@@ -175,6 +178,8 @@ class Marthe(torch.optim.Optimizer):
 
         self.max_lr_change = None if max_lr_change is None else _number(
             "max_lr_change", max_lr_change, 1.0, low_open=True)
+        self.max_lr_growth = None if max_lr_growth is None else _number(
+            "max_lr_growth", max_lr_growth, 1.0, low_open=True)
         if hypergrad_norm not in safeguards.HYPERGRAD_NORMS:
             raise ValueError(f"hypergrad_norm must be one of {safeguards.HYPERGRAD_NORMS}, "
                              f"got {hypergrad_norm!r}")
@@ -462,7 +467,8 @@ class Marthe(torch.optim.Optimizer):
         hp["last_hypergrad"].copy_(h)
         eta_new = safeguards.next_lr(
             hp["eta"], hp["beta"], h, norm=self.hypergrad_norm, sq_avg=hp["h_sq_avg"],
-            count=hp["h_count"], decay=self.hypergrad_norm_decay, rho=self.max_lr_change, ok=ok)
+            count=hp["h_count"], decay=self.hypergrad_norm_decay, rho=self.max_lr_change, ok=ok,
+            rho_up=self.max_lr_growth)
         if self.hyper_lr_adapt:
             beta_new = torch.clamp(hp["beta"] + self.hyper_lr_adapt * h * eta_new, min=0.0)
             hp["beta"].copy_(torch.where(ok, beta_new, hp["beta"]))

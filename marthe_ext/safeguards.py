@@ -8,6 +8,10 @@ no host synchronisation, the same for every backend.
 
     .. math:: \eta_{t+1} \in [\eta_t / \rho,\ \rho\, \eta_t].
 
+(a') ``max_lr_growth = rho_up > 1``: an asymmetric bound, growth only,
+    :math:`\eta_{t+1} \le \rho_{up}\, \eta_t`; decreases stay free, so a runaway is
+    braked as hard as the hypergradient says.
+
 (b) ``hypergrad_norm``: divide the hypergradient by a running RMS (bias-corrected, decay
     ``d``), so beta no longer depends on the scale of h (Adam-style meta-updates):
 
@@ -45,7 +49,8 @@ def normalized(x: Tensor, sq_avg: Tensor, count: Tensor, decay: float, ok: Tenso
 
 
 def next_lr(eta: Tensor, beta: Tensor, h: Tensor, *, norm: Optional[str], sq_avg: Tensor,
-            count: Tensor, decay: float, rho: Optional[float], ok: Tensor) -> Tensor:
+            count: Tensor, decay: float, rho: Optional[float], ok: Tensor,
+            rho_up: Optional[float] = None) -> Tensor:
     """The LR after one hypergradient step, with the chosen safeguards."""
     if norm == "rms-log":
         x = normalized(eta * h, sq_avg, count, decay, ok)
@@ -56,6 +61,8 @@ def next_lr(eta: Tensor, beta: Tensor, h: Tensor, *, norm: Optional[str], sq_avg
         eta_new = torch.clamp(eta - beta * h, min=0.0)
     if rho is not None:
         eta_new = torch.minimum(torch.maximum(eta_new, eta / rho), eta * rho)
+    if rho_up is not None:
+        eta_new = torch.minimum(eta_new, eta * rho_up)
     return eta_new
 
 

@@ -95,7 +95,18 @@ def test_safeguard_arguments_are_validated():
     w = [torch.nn.Parameter(torch.zeros(2))]
     with pytest.raises(ValueError, match="max_lr_change"):
         marthe_ext.Marthe(w, max_lr_change=0.5)
+    with pytest.raises(ValueError, match="max_lr_growth"):
+        marthe_ext.Marthe(w, max_lr_growth=1.0)
     with pytest.raises(ValueError, match="hypergrad_norm"):
         marthe_ext.Marthe(w, hypergrad_norm="adam")
     with pytest.raises(ValueError, match="max_tangent_ratio"):
         marthe_ext.Marthe(w, max_tangent_ratio=0.0)
+
+
+def test_growth_bound_holds_and_leaves_decreases_free():
+    rho_up = 1.2
+    trace, _ = run(max_lr_growth=rho_up)
+    etas = [1e-3] + [t["eta"] for t in trace]
+    ratios = [b / a for a, b in zip(etas, etas[1:]) if a > 0]
+    assert all(r <= rho_up * (1 + 1e-12) for r in ratios)
+    assert any(r < 1 / rho_up for r in ratios), "a decrease beyond 1/rho_up must pass"

@@ -63,6 +63,9 @@ VARIANTS: dict[str, dict] = {
     "tangent-cap": {"max_tangent_ratio": 100.0},
     # (a) + (b): the relative step of rms-log with its worst case capped at 10 % per step.
     "rms-log+lr-change": {"hypergrad_norm": "rms-log", "hypergrad_norm_decay": 0.99, "max_lr_change": 1.1},
+    # (a') + (b): rms-log's hard braking kept, only its growth capped at 10 % per step
+    # (rms-log's one divergence was a climb to eta = 47).
+    "rms-log+growth": {"hypergrad_norm": "rms-log", "hypergrad_norm_decay": 0.99, "max_lr_growth": 1.1},
 }
 DEFAULT_VARIANTS = ("faithful", "lr-change", "rms-log", "tangent-cap", "rms-log+lr-change")
 
