@@ -72,6 +72,12 @@ def chunk_origin(chunks, numels, MASKED: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def table_ptr(tab, t, DT: tl.constexpr, ALIGN: tl.constexpr):
+    """Tensor ``t``'s data pointer from an int64 pointer table, typed and aligned."""
+    return tl.multiple_of(tl.load(tab + t).to(tl.pointer_type(DT)), ALIGN)
+
+
+@triton.jit
 def load_flag(ptr):
     # Through int32: the interpreter keeps a float comparison's result as float data,
     # which then cannot be combined with other masks by ``&``.

@@ -13,9 +13,33 @@ import triton.language as tl
 from ._common import (
     C_BC1, C_BC2, C_ETA, C_MU, C_OK, C_SCALE, H_1M_BETA1, H_1M_BETA2, H_2_1M_BETA2,
     H_BETA1, H_BETA2, H_CLIP, H_EPS, H_MOMENTUM, H_WD, block_offsets, chunk_origin,
-    load_as, load_flag, sqrt_rn, store_as,
+    load_as, load_flag, sqrt_rn, store_as, table_ptr,
 )
 from .dynamics import adam_math, decay_and_clip, sgd_math, sgdm_math
+
+
+@triton.jit
+def _shared_scalars(coeffs, hyper, C_DT: tl.constexpr):
+    """The step's device scalars every dynamics reads: eta_G, mu, s_G, ok, wd, clip."""
+    eta = tl.load(coeffs + C_ETA).to(C_DT)
+    mu = tl.load(coeffs + C_MU).to(C_DT)
+    s = tl.load(coeffs + C_SCALE).to(C_DT)
+    ok = load_flag(coeffs + C_OK)
+    wd = tl.load(hyper + H_WD).to(C_DT)
+    clip = tl.load(hyper + H_CLIP).to(C_DT)
+    return eta, mu, s, ok, wd, clip
+
+
+@triton.jit
+def _shared_ptrs(t, w_tab, g_tab, h_tab, zw_tab, W_DT: tl.constexpr, G_DT: tl.constexpr,
+                 H_DT: tl.constexpr, C_DT: tl.constexpr, HAS_HZ: tl.constexpr,
+                 ALIGN: tl.constexpr):
+    """Tensor t's pointers to w, g, hz (g's when there is no hz) and Zw."""
+    g_p = table_ptr(g_tab, t, G_DT, ALIGN)
+    h_p = g_p
+    if HAS_HZ:
+        h_p = table_ptr(h_tab, t, H_DT, ALIGN)
+    return table_ptr(w_tab, t, W_DT, ALIGN), g_p, h_p, table_ptr(zw_tab, t, C_DT, ALIGN)
 
 
 @triton.jit
@@ -41,18 +65,9 @@ def _sgd_update_kernel(chunks, numels, w_tab, g_tab, h_tab, zw_tab, coeffs, hype
                        HAS_CLIP: tl.constexpr, MASKED: tl.constexpr, ALIGN: tl.constexpr,
                        BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     t, start, n = chunk_origin(chunks, numels, MASKED, BLOCK)
-    eta = tl.load(coeffs + C_ETA).to(C_DT)
-    mu = tl.load(coeffs + C_MU).to(C_DT)
-    s = tl.load(coeffs + C_SCALE).to(C_DT)
-    ok = load_flag(coeffs + C_OK)
-    wd = tl.load(hyper + H_WD).to(C_DT)
-    clip = tl.load(hyper + H_CLIP).to(C_DT)
-    w_p = tl.multiple_of(tl.load(w_tab + t).to(tl.pointer_type(W_DT)), ALIGN)
-    g_p = tl.multiple_of(tl.load(g_tab + t).to(tl.pointer_type(G_DT)), ALIGN)
-    h_p = g_p
-    if HAS_HZ:
-        h_p = tl.multiple_of(tl.load(h_tab + t).to(tl.pointer_type(H_DT)), ALIGN)
-    zw_p = tl.multiple_of(tl.load(zw_tab + t).to(tl.pointer_type(C_DT)), ALIGN)
+    eta, mu, s, ok, wd, clip = _shared_scalars(coeffs, hyper, C_DT)
+    w_p, g_p, h_p, zw_p = _shared_ptrs(t, w_tab, g_tab, h_tab, zw_tab, W_DT, G_DT, H_DT, C_DT,
+                                       HAS_HZ, ALIGN)
     for j in tl.static_range(UNROLL):
         offs, live = block_offsets(start, j, n, BLOCK, MASKED)
         w, zw, gc, hz = _load_grads(w_p, g_p, h_p, zw_p, offs, live, wd, clip, W_DT, G_DT,
@@ -70,21 +85,12 @@ def _sgdm_update_kernel(chunks, numels, w_tab, g_tab, h_tab, zw_tab, v_tab, zv_t
                         HAS_CLIP: tl.constexpr, NESTEROV: tl.constexpr, MASKED: tl.constexpr,
                         ALIGN: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     t, start, n = chunk_origin(chunks, numels, MASKED, BLOCK)
-    eta = tl.load(coeffs + C_ETA).to(C_DT)
-    mu = tl.load(coeffs + C_MU).to(C_DT)
-    s = tl.load(coeffs + C_SCALE).to(C_DT)
-    ok = load_flag(coeffs + C_OK)
-    wd = tl.load(hyper + H_WD).to(C_DT)
-    clip = tl.load(hyper + H_CLIP).to(C_DT)
+    eta, mu, s, ok, wd, clip = _shared_scalars(coeffs, hyper, C_DT)
     m = tl.load(hyper + H_MOMENTUM).to(C_DT)
-    w_p = tl.multiple_of(tl.load(w_tab + t).to(tl.pointer_type(W_DT)), ALIGN)
-    g_p = tl.multiple_of(tl.load(g_tab + t).to(tl.pointer_type(G_DT)), ALIGN)
-    h_p = g_p
-    if HAS_HZ:
-        h_p = tl.multiple_of(tl.load(h_tab + t).to(tl.pointer_type(H_DT)), ALIGN)
-    zw_p = tl.multiple_of(tl.load(zw_tab + t).to(tl.pointer_type(C_DT)), ALIGN)
-    v_p = tl.multiple_of(tl.load(v_tab + t).to(tl.pointer_type(C_DT)), ALIGN)
-    zv_p = tl.multiple_of(tl.load(zv_tab + t).to(tl.pointer_type(C_DT)), ALIGN)
+    w_p, g_p, h_p, zw_p = _shared_ptrs(t, w_tab, g_tab, h_tab, zw_tab, W_DT, G_DT, H_DT, C_DT,
+                                       HAS_HZ, ALIGN)
+    v_p = table_ptr(v_tab, t, C_DT, ALIGN)
+    zv_p = table_ptr(zv_tab, t, C_DT, ALIGN)
     for j in tl.static_range(UNROLL):
         offs, live = block_offsets(start, j, n, BLOCK, MASKED)
         w, zw, gc, hz = _load_grads(w_p, g_p, h_p, zw_p, offs, live, wd, clip, W_DT, G_DT,
@@ -108,30 +114,21 @@ def _adam_update_kernel(chunks, numels, w_tab, g_tab, h_tab, zw_tab, m_tab, v_ta
                         MASKED: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
                         UNROLL: tl.constexpr):
     t, start, n = chunk_origin(chunks, numels, MASKED, BLOCK)
-    eta = tl.load(coeffs + C_ETA).to(C_DT)
-    mu = tl.load(coeffs + C_MU).to(C_DT)
-    s = tl.load(coeffs + C_SCALE).to(C_DT)
+    eta, mu, s, ok, wd, clip = _shared_scalars(coeffs, hyper, C_DT)
     bc1 = tl.load(coeffs + C_BC1).to(C_DT)
     sbc2 = sqrt_rn(tl.load(coeffs + C_BC2).to(C_DT))
-    ok = load_flag(coeffs + C_OK)
-    wd = tl.load(hyper + H_WD).to(C_DT)
-    clip = tl.load(hyper + H_CLIP).to(C_DT)
     b1 = tl.load(hyper + H_BETA1).to(C_DT)
     one_m_b1 = tl.load(hyper + H_1M_BETA1).to(C_DT)
     b2 = tl.load(hyper + H_BETA2).to(C_DT)
     one_m_b2 = tl.load(hyper + H_1M_BETA2).to(C_DT)
     two_one_m_b2 = tl.load(hyper + H_2_1M_BETA2).to(C_DT)
     eps = tl.load(hyper + H_EPS).to(C_DT)
-    w_p = tl.multiple_of(tl.load(w_tab + t).to(tl.pointer_type(W_DT)), ALIGN)
-    g_p = tl.multiple_of(tl.load(g_tab + t).to(tl.pointer_type(G_DT)), ALIGN)
-    h_p = g_p
-    if HAS_HZ:
-        h_p = tl.multiple_of(tl.load(h_tab + t).to(tl.pointer_type(H_DT)), ALIGN)
-    zw_p = tl.multiple_of(tl.load(zw_tab + t).to(tl.pointer_type(C_DT)), ALIGN)
-    m_p = tl.multiple_of(tl.load(m_tab + t).to(tl.pointer_type(C_DT)), ALIGN)
-    v_p = tl.multiple_of(tl.load(v_tab + t).to(tl.pointer_type(C_DT)), ALIGN)
-    zm_p = tl.multiple_of(tl.load(zm_tab + t).to(tl.pointer_type(C_DT)), ALIGN)
-    zv_p = tl.multiple_of(tl.load(zv_tab + t).to(tl.pointer_type(C_DT)), ALIGN)
+    w_p, g_p, h_p, zw_p = _shared_ptrs(t, w_tab, g_tab, h_tab, zw_tab, W_DT, G_DT, H_DT, C_DT,
+                                       HAS_HZ, ALIGN)
+    m_p = table_ptr(m_tab, t, C_DT, ALIGN)
+    v_p = table_ptr(v_tab, t, C_DT, ALIGN)
+    zm_p = table_ptr(zm_tab, t, C_DT, ALIGN)
+    zv_p = table_ptr(zv_tab, t, C_DT, ALIGN)
     for j in tl.static_range(UNROLL):
         offs, live = block_offsets(start, j, n, BLOCK, MASKED)
         w, zw, gc, hz = _load_grads(w_p, g_p, h_p, zw_p, offs, live, wd, clip, W_DT, G_DT,

@@ -7,7 +7,7 @@ depend on the order programs run in. The host finishes with a torch reduction of
 import triton
 import triton.language as tl
 
-from ._common import K_CLIP, K_SCALE, block_offsets, chunk_origin, load_as
+from ._common import K_CLIP, K_SCALE, block_offsets, chunk_origin, load_as, table_ptr
 
 
 @triton.jit
@@ -20,11 +20,11 @@ def _clipped_dot_kernel(chunks, numels, a_tab, b_tab, e_tab, consts, out,
     t, start, n = chunk_origin(chunks, numels, MASKED, BLOCK)
     scale = tl.load(consts + K_SCALE).to(ACC_DT)
     clip = tl.load(consts + K_CLIP).to(ACC_DT)
-    a_p = tl.multiple_of(tl.load(a_tab + t).to(tl.pointer_type(A_DT)), ALIGN)
-    b_p = tl.multiple_of(tl.load(b_tab + t).to(tl.pointer_type(B_DT)), ALIGN)
+    a_p = table_ptr(a_tab, t, A_DT, ALIGN)
+    b_p = table_ptr(b_tab, t, B_DT, ALIGN)
     e_p = a_p
     if HAS_EXTRA:
-        e_p = tl.multiple_of(tl.load(e_tab + t).to(tl.pointer_type(E_DT)), ALIGN)
+        e_p = table_ptr(e_tab, t, E_DT, ALIGN)
     acc = tl.zeros([BLOCK], ACC_DT)
     for j in tl.static_range(UNROLL):
         offs, live = block_offsets(start, j, n, BLOCK, MASKED)
@@ -50,7 +50,7 @@ def _all_finite_kernel(chunks, numels, x_tab, out, X_DT: tl.constexpr, F_DT: tl.
     which holds every half-precision value, infinities and NaN included).
     """
     t, start, n = chunk_origin(chunks, numels, MASKED, BLOCK)
-    x_p = tl.multiple_of(tl.load(x_tab + t).to(tl.pointer_type(X_DT)), ALIGN)
+    x_p = table_ptr(x_tab, t, X_DT, ALIGN)
     bad = tl.zeros([BLOCK], tl.int32)
     for j in tl.static_range(UNROLL):
         offs, live = block_offsets(start, j, n, BLOCK, MASKED)
