@@ -9,7 +9,6 @@ its configuration with the lowest E; every run is kept in the raw results.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .data import load_splits
 from .lrs_opt import Unroll, optimise_schedule
-from .methods import MethodSpec, Protocol, Trainer, log_uniform
+from .methods import MethodSpec, Protocol, Trainer, from_preset, log_uniform
 from .models import build_model
 from .report import markdown_table, write_csv, write_json
 from .training import batch_schedule, evaluate, train_run
@@ -66,13 +65,7 @@ PRESETS = {
 
 
 def e1_config(preset: str = "full", **overrides) -> E1Config:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {tuple(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(E1Config)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown E1 settings {sorted(unknown)}")
-    return E1Config(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    return from_preset(E1Config, PRESETS, preset, overrides, "E1")
 
 
 def e1_methods(cfg: E1Config) -> list[MethodSpec]:

@@ -15,7 +15,6 @@ training per epoch. MARTHE's mu is drawn as 1 - mu ~ logU[1e-3, 1e-1] (mu in [0.
 """
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import zlib
 from dataclasses import asdict, dataclass
@@ -26,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import load_splits
-from .methods import MethodSpec, Protocol, Trainer, availability, log_uniform
+from .methods import MethodSpec, Protocol, Trainer, availability, from_preset, log_uniform
 from .models import build_model
 from .report import downsample, markdown_table, write_csv, write_json
 from .training import batch_schedule, evaluate, recalibrate_bn, train_run
@@ -75,13 +74,7 @@ PRESETS = {
 
 
 def e2_config(preset: str = "full", **overrides) -> E2Config:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {tuple(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(E2Config)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown E2 settings {sorted(unknown)}")
-    cfg = E2Config(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    cfg = from_preset(E2Config, PRESETS, preset, overrides, "E2")
     bad = [m for m in cfg.methods if m not in E2_METHODS] + [p for p in cfg.protocols if p not in PROTOCOLS]
     if bad:
         raise ValueError(f"unknown E2 methods/protocols {bad}; methods: {E2_METHODS}, protocols: {tuple(PROTOCOLS)}")

@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import io
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -228,6 +229,16 @@ class Trainer:
             self.model.train(was_training)
             if swap:
                 self.opt.train()
+
+
+def from_preset(cls, presets: dict, preset: str, overrides: dict, what: str):
+    """``cls`` (a config dataclass) from a named preset, with the non-None overrides on top."""
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {tuple(presets)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} settings {sorted(unknown)}")
+    return cls(**{**presets[preset], **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def log_uniform(gen: torch.Generator, low: float, high: float) -> float:
