@@ -72,6 +72,34 @@ def check_model_holds(model: torch.nn.Module, params: Sequence[Tensor]) -> None:
 
 
 @contextlib.contextmanager
+def preserved_buffers(model: torch.nn.Module):
+    """Evaluate ``model`` without letting it change its buffers (BatchNorm running stats).
+
+    For validation closures in train mode: the validation loss uses batch statistics like
+    the training loss, but must not leak validation data into the running averages (nor
+    move them a second time per step). Inside the block every module holds throw-away
+    copies of its buffers; the autograd graph keeps referring to those copies, so the
+    optimizer can still differentiate the loss after the real buffers are back (restoring
+    them in place instead would break its backward pass)::
+
+        def val_closure():
+            with marthe_ext.preserved_buffers(model):
+                return loss_fn(model(x_val), y_val)
+    """
+    saved = []
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                saved.append((module, name, buf))
+                module._buffers[name] = buf.clone()
+    try:
+        yield
+    finally:
+        for module, name, buf in saved:
+            module._buffers[name] = buf
+
+
+@contextlib.contextmanager
 def exact_float32():
     """Switch TF32 off for matmuls and cuDNN convolutions (finite differences of float32
     quantities are otherwise dominated by TF32's 10-bit mantissa rounding)."""

@@ -38,6 +38,8 @@ from .hypergrad import HYPERGRAD_MODES, fd_hypergrad, jvp_hypergrad, validation_
 _GROUP_KEYS = {"params", "lr_scale", "weight_decay", "name"}
 _HYPER_KEYS = ("eta", "beta", "mu", "mu_counter", "step", "skipped", "last_hypergrad",
                "h_sq_avg", "h_count")
+# Added after the first checkpoints were written: absent from a state dict means its start value.
+_HYPER_KEYS_SINCE_V1 = ("h_trend",)
 
 
 def _number(name: str, value: Any, low: float = -math.inf, high: float = math.inf,
@@ -107,6 +109,11 @@ class Marthe(torch.optim.Optimizer):
             RMS (decay ``hypergrad_norm_decay``); "rms-log" steps in log eta (beta is then
             a relative step and eta stays positive).
         max_tangent_ratio: safeguard (c), kappa > 0: keep ``||Zw|| <= kappa ||w||``.
+        hyper_lr_rprop: safeguard (d), (shrink, grow) with 0 < shrink <= 1 <= grow, e.g.
+            (0.5, 1.2): beta is multiplied by grow when h agrees in sign with its recent
+            average and by shrink when it disagrees, kept in ``hyper_lr_bounds`` (whose
+            defaults suit "rms-log", where beta is a relative step). Needs
+            ``hypergrad_norm``; ``hyper_lr`` is then only the first meta step.
             All safeguards off (the default) is the faithful algorithm; see
             ``marthe_ext.safeguards`` for the maths.
         model: the ``nn.Module`` whose parameters are optimized. Needed by ``hvp="forward"``
@@ -142,6 +149,8 @@ class Marthe(torch.optim.Optimizer):
         hypergrad_norm: Optional[str] = None,
         hypergrad_norm_decay: float = 0.99,
         max_tangent_ratio: Optional[float] = None,
+        hyper_lr_rprop: Optional[tuple[float, float]] = None,
+        hyper_lr_bounds: tuple[float, float] = (1e-6, 1.0),
     ):
         lr = _number("lr", lr, 0.0)
         self.dynamics = _choice("dynamics", dynamics, DYNAMICS)
@@ -188,6 +197,26 @@ class Marthe(torch.optim.Optimizer):
                                             high_open=True)
         self.max_tangent_ratio = None if max_tangent_ratio is None else _number(
             "max_tangent_ratio", max_tangent_ratio, 0.0, low_open=True)
+        self.hyper_lr_rprop = None
+        if hyper_lr_rprop is not None:
+            if not (isinstance(hyper_lr_rprop, (tuple, list)) and len(hyper_lr_rprop) == 2):
+                raise TypeError(f"hyper_lr_rprop must be a pair (shrink, grow), got {hyper_lr_rprop!r}")
+            shrink = _number("hyper_lr_rprop[0] (shrink)", hyper_lr_rprop[0], 0.0, 1.0, low_open=True)
+            grow = _number("hyper_lr_rprop[1] (grow)", hyper_lr_rprop[1], 1.0)
+            if hypergrad_norm is None:
+                raise ValueError("hyper_lr_rprop adapts a scale-free beta: set hypergrad_norm='rms-log' "
+                                 "(or 'rms') with it")
+            if self.hyper_lr_adapt:
+                raise ValueError("hyper_lr_rprop and hyper_lr_adapt both adapt beta: choose one")
+            if not (isinstance(hyper_lr_bounds, (tuple, list)) and len(hyper_lr_bounds) == 2):
+                raise TypeError(f"hyper_lr_bounds must be a pair (min, max), got {hyper_lr_bounds!r}")
+            low = _number("hyper_lr_bounds[0]", hyper_lr_bounds[0], 0.0, low_open=True)
+            high = _number("hyper_lr_bounds[1]", hyper_lr_bounds[1], low)
+            if not low <= self.hyper_lr_init <= high:
+                raise ValueError(f"hyper_lr={self.hyper_lr_init} must lie in hyper_lr_bounds "
+                                 f"[{low}, {high}] when hyper_lr_rprop is set")
+            self.hyper_lr_rprop = (shrink, grow)
+            self.hyper_lr_bounds = (low, high)
         self.mu_auto = mu == "auto"
         self._mu_fixed = None if self.mu_auto else mu  # host copy: deciding on the HVP needs no sync
         self.model = model
@@ -211,6 +240,7 @@ class Marthe(torch.optim.Optimizer):
             "last_hypergrad": torch.zeros((), **f64),
             "h_sq_avg": torch.zeros((), **f64),  # safeguard (b): running mean of h^2
             "h_count": torch.zeros((), **f64),
+            "h_trend": torch.zeros((), **f64),  # safeguard (d): running average of h
         }
         self._steps_called = 0
         self._backend = None
@@ -464,9 +494,15 @@ class Marthe(torch.optim.Optimizer):
     def _lr_update(self, h: Tensor, ok: Tensor) -> None:
         """eta <- max(eta - beta h, 0) (and beta's own adaptation), only where ok."""
         hp = self._hyper
+        beta = hp["beta"]
+        if self.hyper_lr_rprop is not None:
+            beta = safeguards.adapted_hyper_lr(
+                beta, h, hp["h_trend"], shrink=self.hyper_lr_rprop[0], grow=self.hyper_lr_rprop[1],
+                low=self.hyper_lr_bounds[0], high=self.hyper_lr_bounds[1], ok=ok)
+            hp["beta"].copy_(torch.where(ok, beta, hp["beta"]))
         hp["last_hypergrad"].copy_(h)
         eta_new = safeguards.next_lr(
-            hp["eta"], hp["beta"], h, norm=self.hypergrad_norm, sq_avg=hp["h_sq_avg"],
+            hp["eta"], beta, h, norm=self.hypergrad_norm, sq_avg=hp["h_sq_avg"],
             count=hp["h_count"], decay=self.hypergrad_norm_decay, rho=self.max_lr_change, ok=ok,
             rho_up=self.max_lr_growth)
         if self.hyper_lr_adapt:
@@ -572,6 +608,11 @@ class Marthe(torch.optim.Optimizer):
                     g[k] = sg[k]
         for k in _HYPER_KEYS:
             self._hyper[k].copy_(meta[k])
+        for k in _HYPER_KEYS_SINCE_V1:
+            if k in meta:
+                self._hyper[k].copy_(meta[k])
+            else:
+                self._hyper[k].zero_()
         self._steps_called = int(meta["steps_called"])
         if self.hvp == "auto":
             self.hvp_engine = meta.get("hvp_engine")

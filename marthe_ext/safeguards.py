@@ -23,6 +23,25 @@ no host synchronisation, the same for every backend.
     :math:`\eta \leftarrow \eta\, e^{-\beta \hat x}`: beta is a relative step, eta stays
     positive without a clamp, and :math:`|\log(\eta_{t+1}/\eta_t)| \le \beta/\sqrt{1-d}`.
 
+(d) ``hyper_lr_rprop = (shrink, grow)`` with a scale-free hypergradient (b): beta itself
+    adapts multiplicatively, as delta-bar-delta (Jacobs, 1988) and Rprop adapt a step size
+    from gradient signs, here one level up. With :math:`\bar h` an exponential average of
+    past hypergradients (decay ``TREND_DECAY`` = 0.9),
+
+    .. math:: \beta_t = \mathrm{clip}\big(\beta_{t-1} \cdot
+              \{\text{grow if } h_t \bar h_{t-1} > 0;\ \text{shrink if } h_t \bar h_{t-1} < 0;
+              \ 1 \text{ otherwise}\},\ \beta_{min}, \beta_{max}\big),
+              \qquad \bar h_t = 0.9\, \bar h_{t-1} + 0.1\, h_t,
+
+    and this step's LR update uses :math:`\beta_t`. A hypergradient that agrees with its
+    recent trend (eta is far from where E wants it) lengthens the meta step geometrically;
+    one against the trend (eta overshot, or noise dominates) shortens it. The user's beta
+    is then only the first meta step: a small one catches up within tens of steps, a large
+    one is cut at the first overshoot -- what makes the result insensitive to beta.
+    Comparing with the trend rather than with the previous h alone ignores the period-2
+    sign flips that a tangent shows at a large LR (eigenvalues of I - eta H below 0),
+    which would otherwise freeze beta at its floor (measured: see the README's study).
+
 (c) ``max_tangent_ratio = kappa``: after each update, if
     :math:`\|Z^w\| > \kappa \|w\|` every tangent block is scaled by
     :math:`\kappa \|w\| / \|Z^w\|` (direction kept, runaway magnitude cut).
@@ -64,6 +83,21 @@ def next_lr(eta: Tensor, beta: Tensor, h: Tensor, *, norm: Optional[str], sq_avg
     if rho_up is not None:
         eta_new = torch.minimum(eta_new, eta * rho_up)
     return eta_new
+
+
+TREND_DECAY = 0.9  # (d): the hypergradient trend averages about the last 10 steps
+
+
+def adapted_hyper_lr(beta: Tensor, h: Tensor, trend: Tensor, *, shrink: float, grow: float,
+                     low: float, high: float, ok: Tensor) -> Tensor:
+    """Safeguard (d): beta scaled by grow / shrink when h agrees / disagrees in sign with the
+    trend (1 when either is 0 or non-finite), clipped to [low, high]; the trend (an
+    exponential average of h) is updated in place where ok."""
+    agree = h * trend
+    trend.copy_(torch.where(ok, TREND_DECAY * trend + (1 - TREND_DECAY) * h, trend))
+    factor = torch.where(agree > 0, torch.full_like(beta, grow),
+                         torch.where(agree < 0, torch.full_like(beta, shrink), torch.ones_like(beta)))
+    return torch.clamp(beta * factor, min=low, max=high)
 
 
 def cap_tangents_(params: Sequence[Tensor], tangents: Sequence[Tensor],

@@ -206,3 +206,34 @@ def test_hvp_on_a_sub_batch_equals_the_hvp_of_the_sub_batch_loss():
         assert torch.equal(b, s), "BatchNorm statistics move once, with the full batch"
     z_sgd = [0.9 * (z - 0.05 * h) - gi for z, h, gi in zip(tangents, hv, g)]
     assert rel_err([opt.state[p]["tangent"] for p in model.parameters()], z_sgd) < 1e-12
+
+
+def test_preserved_buffers_keeps_validation_data_out_of_the_running_statistics():
+    """A train-mode validation closure wrapped in preserved_buffers: the hypergradient uses
+    the validation batch statistics, the running statistics move only with the training
+    batch (as a plain step), and the validation loss stays differentiable after the block."""
+    torch.manual_seed(0)
+    model = bn_cnn()
+    plain = copy.deepcopy(model)
+    x, xv = torch.randn(6, 2, 5, 5, dtype=F64), torch.randn(6, 2, 5, 5, dtype=F64) + 3
+    y, yv = torch.randint(0, 3, (6,)), torch.randint(0, 3, (6,))
+
+    def val_closure():
+        with marthe_ext.preserved_buffers(model):
+            return nn.functional.cross_entropy(model(xv), yv)
+
+    opt = marthe_ext.Marthe(model.parameters(), lr=0.1, mu=0.9, hyper_lr=1e-3, model=model)
+    for _ in range(2):
+        with torch.no_grad():  # the plain model sees the same weights, keeps its own buffers
+            for q, p in zip(plain.parameters(), model.parameters()):
+                q.copy_(p)
+        nn.functional.cross_entropy(plain(x), y)
+        opt.step(lambda: nn.functional.cross_entropy(model(x), y), val_closure=val_closure)
+    assert torch.equal(model[1].running_mean, plain[1].running_mean)
+    assert torch.equal(model[1].running_var, plain[1].running_var)
+    assert int(model[1].num_batches_tracked) == 2
+    assert opt.last_hypergrad != 0.0
+    # Without the helper the validation batch (shifted by +3) leaks into the running mean.
+    leaky = copy.deepcopy(plain)
+    nn.functional.cross_entropy(leaky(xv), yv)
+    assert not torch.allclose(leaky[1].running_mean, plain[1].running_mean)

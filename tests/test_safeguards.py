@@ -2,6 +2,7 @@
 algorithm run away; with the safeguards off the trajectory is the faithful one, bit for bit."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -13,7 +14,7 @@ F64 = torch.float64
 FAITHFUL = dict(max_lr_change=None, hypergrad_norm=None, max_tangent_ratio=None)
 
 
-def run(steps=25, **kwargs):
+def run(steps=25, state_dict=None, **kwargs):
     """A noisy quadratic where a small LR makes h < 0 every step: a large beta sends the
     faithful algorithm's LR far past the stability limit 2 / lambda_max."""
     torch.manual_seed(0)
@@ -24,13 +25,20 @@ def run(steps=25, **kwargs):
     opts = dict(lr=1e-3, dynamics="sgdm", mu=0.99, hyper_lr=1.0)
     opts.update(kwargs)
     opt = marthe_ext.Marthe([w], **opts)
+    start = 0
+    if state_dict is not None:  # resume: weights and optimizer from a checkpoint of this run
+        w.data.copy_(state_dict["w"])
+        opt.load_state_dict(state_dict["opt"])
+        start = state_dict["t"]
     trace = []
-    for t in range(steps):
+    for t in range(start, start + steps):
         noise = torch.randn(n, dtype=F64, generator=torch.Generator().manual_seed(t)) * 0.01
         opt.step(lambda: 0.5 * w @ hess @ w + noise @ w)
         st = opt.state[w]
         trace.append(dict(eta=opt.lr, w=w.detach().clone(), zw=st["tangent"].clone(),
-                          zv=st["tangent_momentum_buffer"].clone(), skipped=opt.skipped_steps))
+                          zv=st["tangent_momentum_buffer"].clone(), skipped=opt.skipped_steps,
+                          beta=opt.hyper_lr, h=opt.last_hypergrad,
+                          checkpoint=dict(w=w.detach().clone(), opt=copy.deepcopy(opt.state_dict()), t=t + 1)))
     return trace, 2.0 / float(torch.linalg.eigvalsh(hess).max())
 
 
@@ -110,3 +118,69 @@ def test_growth_bound_holds_and_leaves_decreases_free():
     ratios = [b / a for a, b in zip(etas, etas[1:]) if a > 0]
     assert all(r <= rho_up * (1 + 1e-12) for r in ratios)
     assert any(r < 1 / rho_up for r in ratios), "a decrease beyond 1/rho_up must pass"
+
+
+RPROP = dict(hypergrad_norm="rms-log", max_lr_growth=1.1, hyper_lr_rprop=(0.5, 1.2))
+
+
+def test_meta_step_follows_the_sign_agreement_rule_every_step():
+    """Replay (d) on the host from the recorded h: beta_t = clip(beta_{t-1} * {1.2 if
+    h_t trend_{t-1} > 0, 0.5 if < 0, else 1}, low, high), trend = 0.9 trend + 0.1 h."""
+    low, high = 1e-4, 0.3
+    trace, _ = run(steps=60, lr=0.05, hyper_lr=1e-3, hyper_lr_bounds=(low, high), **RPROP)
+    beta, trend, factors = 1e-3, 0.0, set()
+    for t in trace:
+        assert t["skipped"] == 0
+        factor = 1.2 if t["h"] * trend > 0 else 0.5 if t["h"] * trend < 0 else 1.0
+        beta = min(max(beta * factor, low), high)
+        trend = 0.9 * trend + 0.1 * t["h"]
+        assert t["beta"] == pytest.approx(beta, rel=1e-12, abs=0)
+        factors.add(factor)
+    assert {0.5, 1.2} <= factors, "the run must both lengthen and shorten the meta step"
+    etas = [0.05] + [t["eta"] for t in trace]
+    assert all(b <= 1.1 * a * (1 + 1e-12) for a, b in zip(etas, etas[1:]))
+
+
+def test_meta_step_adaptation_lets_a_tiny_beta_move_the_lr():
+    fixed, _ = run(steps=60, hyper_lr=1e-5, hypergrad_norm="rms-log", max_lr_growth=1.1)
+    adapted, _ = run(steps=60, hyper_lr=1e-5, **RPROP)
+    assert abs(math.log(fixed[-1]["eta"] / 1e-3)) < 0.01
+    assert abs(math.log(adapted[-1]["eta"] / 1e-3)) > math.log(2)
+    assert adapted[-1]["beta"] > 100 * 1e-5
+
+
+def test_meta_step_state_resumes_bit_for_bit_from_a_checkpoint():
+    whole, _ = run(steps=30, hyper_lr=1e-3, **RPROP)
+    resumed, _ = run(steps=15, hyper_lr=1e-3, state_dict=whole[14]["checkpoint"], **RPROP)
+    for a, b in zip(whole[15:], resumed):
+        assert a["eta"] == b["eta"] and a["beta"] == b["beta"]
+        assert torch.equal(a["w"], b["w"]) and torch.equal(a["zw"], b["zw"])
+
+
+def test_checkpoint_without_the_trend_entry_loads_with_a_zero_trend():
+    """State dicts written before safeguard (d) existed lack 'h_trend': they still load."""
+    whole, _ = run(steps=4, hyper_lr=1e-3, **RPROP)
+    sd = whole[-1]["checkpoint"]
+    old = dict(sd, opt=dict(sd["opt"], marthe={k: v for k, v in sd["opt"]["marthe"].items() if k != "h_trend"}))
+    assert float(sd["opt"]["marthe"]["h_trend"]) != 0
+    resumed, _ = run(steps=2, hyper_lr=1e-3, state_dict=old, **RPROP)
+    assert math.isfinite(resumed[-1]["eta"])
+
+
+def test_meta_step_arguments_are_validated():
+    w = [torch.nn.Parameter(torch.zeros(2))]
+    norm = dict(hypergrad_norm="rms-log")
+    with pytest.raises(ValueError, match="set hypergrad_norm"):
+        marthe_ext.Marthe(w, hyper_lr_rprop=(0.5, 1.2))
+    with pytest.raises(ValueError, match="choose one"):
+        marthe_ext.Marthe(w, hyper_lr_rprop=(0.5, 1.2), hyper_lr_adapt=0.1, **norm)
+    with pytest.raises(TypeError, match="pair"):
+        marthe_ext.Marthe(w, hyper_lr_rprop=1.2, **norm)
+    with pytest.raises(ValueError, match="shrink"):
+        marthe_ext.Marthe(w, hyper_lr_rprop=(1.5, 1.2), **norm)
+    with pytest.raises(ValueError, match="grow"):
+        marthe_ext.Marthe(w, hyper_lr_rprop=(0.5, 0.9), **norm)
+    with pytest.raises(ValueError, match="hyper_lr_bounds"):
+        marthe_ext.Marthe(w, hyper_lr=1e-3, hyper_lr_rprop=(0.5, 1.2), hyper_lr_bounds=(1e-2, 1.0), **norm)
+    with pytest.raises(ValueError, match="hyper_lr_bounds"):
+        marthe_ext.Marthe(w, hyper_lr=1e-3, hyper_lr_rprop=(0.5, 1.2), hyper_lr_bounds=(1e-2, 1e-3), **norm)

@@ -86,29 +86,6 @@ def availability(family: str) -> Optional[str]:
     return None
 
 
-@contextlib.contextmanager
-def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Run a forward pass without letting it change BatchNorm running statistics.
-
-    The validation loss for the hypergradient is evaluated with batch statistics, like the
-    training loss, but it must not leak validation data into the running averages. The
-    modules get throw-away copies of their buffers for the pass: the autograd graph keeps
-    referring to those copies, so the optimizer can still differentiate the loss after
-    the real buffers are back (restoring them in place would break its backward pass).
-    """
-    saved = []
-    for module in model.modules():
-        for name, buf in list(module._buffers.items()):
-            if buf is not None:
-                saved.append((module, name, buf))
-                module._buffers[name] = buf.clone()
-    try:
-        yield
-    finally:
-        for module, name, buf in saved:
-            module._buffers[name] = buf
-
-
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 

@@ -66,6 +66,10 @@ VARIANTS: dict[str, dict] = {
     # (a') + (b): rms-log's hard braking kept, only its growth capped at 10 % per step
     # (rms-log's one divergence was a climb to eta = 47).
     "rms-log+growth": {"hypergrad_norm": "rms-log", "hypergrad_norm_decay": 0.99, "max_lr_growth": 1.1},
+    # (b) + (a') + (d): beta itself adapts, x1.2 while h keeps its sign, x0.5 when it flips
+    # (Rprop's factors), within [1e-6, 1]: the user's beta is only the first meta step.
+    "rms-log+growth+rprop": {"hypergrad_norm": "rms-log", "hypergrad_norm_decay": 0.99, "max_lr_growth": 1.1,
+                             "hyper_lr_rprop": (0.5, 1.2)},
 }
 DEFAULT_VARIANTS = ("faithful", "lr-change", "rms-log", "tangent-cap", "rms-log+lr-change")
 

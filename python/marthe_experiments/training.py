@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .methods import Trainer, has_batchnorm, preserved_buffers
+import marthe_ext
+
+from .methods import Trainer, has_batchnorm
 
 
 def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> Tensor:
@@ -119,7 +121,7 @@ def _val_closure(model: nn.Module, xv: Tensor, yv: Tensor, bn: bool) -> Callable
     def val_loss() -> Tensor:
         if not bn:
             return F.cross_entropy(model(xv), yv)
-        with preserved_buffers(model):
+        with marthe_ext.preserved_buffers(model):
             return F.cross_entropy(model(xv), yv)
 
     return val_loss
