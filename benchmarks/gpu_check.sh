@@ -8,7 +8,8 @@
 # (the compiled CUDA extension JIT-built and cached, every backend smoke-tested); the GPU
 # tests (pytest -m gpu); the kernel and step benchmark suites (one JSON per suite/model,
 # so a stage cut short loses only its own numbers); ncu on one fused kernel when ncu
-# exists; the results table; last, with the time left, the ahead-of-time wheel build
+# exists; the results table; the torch.compile / torch.func HVP investigation
+# (benchmarks/compile_hvp.py, its table in the log); last, with the time left, the ahead-of-time wheel build
 # (setup.py) into a scratch folder. It prints a stage table and the targets table last.
 #
 # OUTDIR receives at most 7 files (the device tool returns 8 at most): gpu_check.log,
@@ -196,6 +197,11 @@ if [[ ${#JSONS[@]} -gt 0 ]]; then
 else
     skip_stage table "no benchmark JSON was written"
 fi
+
+# Issue 7's torch.compile / torch.func investigation: a table in the log, with what fails.
+COMPILE_MODELS=mlp,resnet18
+[[ $DRY == 1 ]] && COMPILE_MODELS=mlp
+run_stage compile-hvp 60 0 "$PY" benchmarks/compile_hvp.py --models "$COMPILE_MODELS" --rounds 10
 
 if [[ $DRY == 1 ]]; then
     skip_stage wheel-build "dry run"

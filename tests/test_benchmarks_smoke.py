@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import marthe_ext
-from benchmarks import (check_backends, harness, models, profile_kernel, profile_step,
+from benchmarks import (check_backends, compile_hvp, harness, models, profile_kernel, profile_step,
                         results_table, workloads)
 from benchmarks import test_bench_kernel, test_bench_step  # noqa: F401  (they must import)
 
@@ -117,3 +117,23 @@ def test_results_table_from_sample_json(tmp_path, capsys):
     assert "25.00 / 1.00 / 9.00 / 1.00" in md  # the phase breakdown of the missed target
     short = capsys.readouterr().out
     assert "MISS" in short and "ok  " in short
+
+
+def test_compile_investigation_variants_agree_and_tabulate():
+    """benchmarks/compile_hvp.py: every eager variant computes the same (g, H Zw) as the
+    reverse engine (the compiled ones take minutes to compile on a CPU: GPU check only)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    params = list(model.parameters())
+    tangents = [torch.randn_like(p) for p in params]
+    fns = compile_hvp.variants(model, x, y, params, tangents)
+    reference = fns["reverse"]()
+    rows = [dict(compile_hvp.measure(v, fns[v], torch.device("cpu"), reference, rounds=1), model="tiny")
+            for v in ("grad", "reverse", "forward", "func")]
+    for r in rows[1:]:
+        assert r["rel_err_grad"] < 1e-12 and r["rel_err_hvp"] < 1e-12, r
+    failing = compile_hvp.measure("broken", lambda: 1 / 0, torch.device("cpu"), reference, rounds=1)
+    assert failing["error"].startswith("ZeroDivisionError")
+    text = compile_hvp.table(rows + [dict(failing, model="tiny")])
+    assert text.count("\n") == 6 and "| tiny | func |" in text and "ZeroDivisionError" in text
