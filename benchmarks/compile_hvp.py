@@ -9,7 +9,9 @@ For each model, in one run, side by side:
                       the buffers passed explicitly (cloned: BatchNorm in train mode
                       updates them in place);
 * ``func+compile``    the same function under ``torch.compile``;
-* ``reverse+compile`` the double-backward function under ``torch.compile``.
+* ``reverse+compile`` the double-backward function under ``torch.compile``;
+* ``reverse+graph``   the double-backward function captured once in a CUDA graph and
+                      replayed (for launch-bound small models; CUDA only).
 
 Each line reports the median time, its ratio to ``grad``, the first call's time (the
 compilation), and the largest relative difference of (grad, H Zw) from the reverse
@@ -94,7 +96,34 @@ def variants(model, x, y, params, tangents):
         "func": func_run(func_hvp),
         "func+compile": func_run(compiled_func),
         "reverse+compile": lambda: compiled_double(*params),
+        "reverse+graph": cuda_graphed(lambda: double_backward(*params), params[0].device),
     }
+
+
+def cuda_graphed(fn, dev):
+    """``fn`` captured in a CUDA graph on its first call (after a warm-up on a side stream,
+    as torch.cuda.graph requires) and replayed after; its outputs are the graph's static
+    tensors. Inputs must keep their storage: parameters and tangents are updated in place."""
+    state = {}
+
+    def run():
+        if dev.type != "cuda":
+            raise RuntimeError("skipped: CUDA graphs need a CUDA device")
+        if "graph" not in state:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                state["out"] = fn()
+            state["graph"] = graph
+        state["graph"].replay()
+        return state["out"]
+
+    return run
 
 
 def _mib(n):

@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="default: 0.01 (SGD), 1e-3 (Adam)")
     p.add_argument("--mu", type=float, default=0.99)
     p.add_argument("--hyper-lr", type=float, default=1e-6)
+    p.add_argument("--safeguards", default=None, choices=(None, "robust"),
+                   help="Marthe's safeguard preset (default: none, the algorithm the autograd baseline runs)")
     p.add_argument("--batch", type=int, default=None, help="default: the model's benchmark batch")
     p.add_argument("--reduced", action="store_true",
                    help="the CPU-sized model (quarter width for the convolutional networks)")
@@ -104,7 +106,7 @@ def build(args):
     else:
         opt = marthe_ext.Marthe(model.parameters(), lr=lr, dynamics=args.dynamics, mu=args.mu,
                                 hyper_lr=args.hyper_lr, hvp=args.hvp, hypergrad=args.hypergrad,
-                                backend=args.backend, model=model)
+                                backend=args.backend, model=model, safeguards=args.safeguards)
     return (lambda: opt.step(closure, val)), dev, opt
 
 

@@ -110,7 +110,8 @@ def test_step(benchmark, model_name, case, dev):
     else:
         opt = marthe_ext.Marthe(model.parameters(), lr=LR[dynamics], dynamics=dynamics,
                                 momentum=MOMENTUM, mu=MU, hyper_lr=HYPER_LR, hvp=hvp,
-                                hypergrad=hypergrad, backend=backend_name, model=model)
+                                hypergrad=hypergrad, backend=backend_name, model=model,
+                                safeguards=None)  # the baseline's algorithm: the same work
         step = lambda: opt.step(closure, val_closure)  # noqa: E731
         try:
             step()  # no HVP yet (zero tangent)

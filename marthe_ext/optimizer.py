@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _profiling, safeguards
+from . import _profiling
+from . import safeguards as _safeguards
 from .backends import BACKENDS, select_backend
 from .backends.api import DYNAMICS, STATE_NAMES, GroupBuffers, GroupOptions, make_coeffs
 from .hvp import ENGINES, HVP_ENGINES, check_model_holds, module_buffers, time_engines
@@ -93,7 +94,8 @@ class Marthe(torch.optim.Optimizer):
         weight_decay: L2 coupled into the gradient (sgd, sgdm, adam) or decoupled (adamw).
         mu: tangent discount in [0, 1] (0 = HD, 1 = RTHO) or "auto" (the authors' rule;
             needs ``val_closure`` and ``hypergrad="grad"``).
-        hyper_lr: beta, the LR's own step size (>= 0).
+        hyper_lr: beta, the LR's own step size (>= 0). Default: 1e-6 for the raw
+            hypergradient, 1e-3 when ``hypergrad_norm`` is set (a step on the normalised h).
         hyper_lr_adapt: alpha >= 0; when > 0, ``beta = max(beta + alpha h eta, 0)`` each step.
         grad_clip: elementwise clip c of the gradient and of the HVP (None: no clipping).
         hvp: Hessian-vector product engine, "reverse" | "forward" | "fd" | "auto" (the
@@ -114,8 +116,11 @@ class Marthe(torch.optim.Optimizer):
             average and by shrink when it disagrees, kept in ``hyper_lr_bounds`` (whose
             defaults suit "rms-log", where beta is a relative step). Needs
             ``hypergrad_norm``; ``hyper_lr`` is then only the first meta step.
-            All safeguards off (the default) is the faithful algorithm; see
-            ``marthe_ext.safeguards`` for the maths.
+        safeguards: a preset, None | "robust". "robust" sets ``hypergrad_norm="rms-log"``,
+            ``max_lr_growth=1.1``, ``hyper_lr_rprop=(0.5, 1.2)`` unless given (the safeguard
+            study's recommendation). None with no safeguard option is the faithful algorithm
+            of SPEC section 2.
+            See ``marthe_ext.safeguards`` for the maths of each.
         model: the ``nn.Module`` whose parameters are optimized. Needed by ``hvp="forward"``
             and ``hypergrad="jvp"`` (they place dual parameters in it) and used by
             ``hvp="fd"`` to restore module buffers after its probe evaluation.
@@ -137,7 +142,7 @@ class Marthe(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         mu: Union[float, str] = 0.99,
-        hyper_lr: float = 1e-6,
+        hyper_lr: Optional[float] = None,
         hyper_lr_adapt: float = 0.0,
         grad_clip: Optional[float] = None,
         hvp: str = "reverse",
@@ -150,8 +155,22 @@ class Marthe(torch.optim.Optimizer):
         hypergrad_norm_decay: float = 0.99,
         max_tangent_ratio: Optional[float] = None,
         hyper_lr_rprop: Optional[tuple[float, float]] = None,
-        hyper_lr_bounds: tuple[float, float] = (1e-6, 1.0),
+        hyper_lr_bounds: tuple[float, float] = (1e-6, 0.1),
+        safeguards: Optional[str] = "robust",
     ):
+        if safeguards is not None and safeguards not in _safeguards.PRESETS:
+            raise ValueError(f"safeguards must be None or one of {tuple(_safeguards.PRESETS)}, "
+                             f"got {safeguards!r}")
+        self.safeguards = safeguards
+        preset = _safeguards.PRESETS.get(safeguards, {})
+        if hyper_lr_adapt and preset.get("hyper_lr_rprop") and hyper_lr_rprop is None:
+            raise ValueError(f"hyper_lr_adapt (the paper's additive beta adaptation) conflicts with "
+                             f"safeguards={safeguards!r}, which adapts beta itself: pass safeguards=None")
+        hypergrad_norm = preset.get("hypergrad_norm") if hypergrad_norm is None else hypergrad_norm
+        max_lr_growth = preset.get("max_lr_growth") if max_lr_growth is None else max_lr_growth
+        hyper_lr_rprop = preset.get("hyper_lr_rprop") if hyper_lr_rprop is None else hyper_lr_rprop
+        if hyper_lr is None:
+            hyper_lr = _safeguards.DEFAULT_HYPER_LR["raw" if hypergrad_norm is None else "normalised"]
         lr = _number("lr", lr, 0.0)
         self.dynamics = _choice("dynamics", dynamics, DYNAMICS)
         momentum = _number("momentum", momentum, 0.0, 1.0, high_open=True)
@@ -189,8 +208,8 @@ class Marthe(torch.optim.Optimizer):
             "max_lr_change", max_lr_change, 1.0, low_open=True)
         self.max_lr_growth = None if max_lr_growth is None else _number(
             "max_lr_growth", max_lr_growth, 1.0, low_open=True)
-        if hypergrad_norm not in safeguards.HYPERGRAD_NORMS:
-            raise ValueError(f"hypergrad_norm must be one of {safeguards.HYPERGRAD_NORMS}, "
+        if hypergrad_norm not in _safeguards.HYPERGRAD_NORMS:
+            raise ValueError(f"hypergrad_norm must be one of {_safeguards.HYPERGRAD_NORMS}, "
                              f"got {hypergrad_norm!r}")
         self.hypergrad_norm = hypergrad_norm
         self.hypergrad_norm_decay = _number("hypergrad_norm_decay", hypergrad_norm_decay, 0.0, 1.0,
@@ -212,9 +231,9 @@ class Marthe(torch.optim.Optimizer):
                 raise TypeError(f"hyper_lr_bounds must be a pair (min, max), got {hyper_lr_bounds!r}")
             low = _number("hyper_lr_bounds[0]", hyper_lr_bounds[0], 0.0, low_open=True)
             high = _number("hyper_lr_bounds[1]", hyper_lr_bounds[1], low)
-            if not low <= self.hyper_lr_init <= high:
-                raise ValueError(f"hyper_lr={self.hyper_lr_init} must lie in hyper_lr_bounds "
-                                 f"[{low}, {high}] when hyper_lr_rprop is set")
+            if self.hyper_lr_init != 0 and not low <= self.hyper_lr_init <= high:
+                raise ValueError(f"hyper_lr={self.hyper_lr_init} must be 0 (LR fixed) or lie in "
+                                 f"hyper_lr_bounds [{low}, {high}] when hyper_lr_rprop is set")
             self.hyper_lr_rprop = (shrink, grow)
             self.hyper_lr_bounds = (low, high)
         self.mu_auto = mu == "auto"
@@ -427,7 +446,7 @@ class Marthe(torch.optim.Optimizer):
             if idle:  # not updated this step: Phi is the identity there, so Z <- mu Z
                 torch._foreach_mul_(idle, torch.where(ok, mu_eff, torch.ones_like(mu_eff)))
             if self.max_tangent_ratio is not None:
-                safeguards.cap_tangents_(
+                _safeguards.cap_tangents_(
                     params, tangents, [t for st in states for k, t in st.items() if k.startswith("tangent_")],
                     self.max_tangent_ratio, ok)
         for i in used:
@@ -496,12 +515,12 @@ class Marthe(torch.optim.Optimizer):
         hp = self._hyper
         beta = hp["beta"]
         if self.hyper_lr_rprop is not None:
-            beta = safeguards.adapted_hyper_lr(
+            beta = _safeguards.adapted_hyper_lr(
                 beta, h, hp["h_trend"], shrink=self.hyper_lr_rprop[0], grow=self.hyper_lr_rprop[1],
                 low=self.hyper_lr_bounds[0], high=self.hyper_lr_bounds[1], ok=ok)
             hp["beta"].copy_(torch.where(ok, beta, hp["beta"]))
         hp["last_hypergrad"].copy_(h)
-        eta_new = safeguards.next_lr(
+        eta_new = _safeguards.next_lr(
             hp["eta"], beta, h, norm=self.hypergrad_norm, sq_avg=hp["h_sq_avg"],
             count=hp["h_count"], decay=self.hypergrad_norm_decay, rho=self.max_lr_change, ok=ok,
             rho_up=self.max_lr_growth)

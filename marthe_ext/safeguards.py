@@ -55,6 +55,16 @@ from torch import Tensor
 
 HYPERGRAD_NORMS = (None, "rms", "rms-log")
 
+# ``Marthe(safeguards=NAME)`` sets these options unless the caller sets them; None sets none
+# (the faithful algorithm, unless options are given one by one). "robust" is the variant
+# "rms-log+growth+rprop" of the safeguard study (python/marthe_experiments/safeguard_study.py).
+PRESETS: dict[str, dict] = {
+    "robust": {"hypergrad_norm": "rms-log", "max_lr_growth": 1.1, "hyper_lr_rprop": (0.5, 1.2)},
+}
+# beta when the caller gives none: an absolute step on h (the faithful algorithm), or a
+# step on the RMS-normalised h (with "rms-log" a relative step, the first of (d)'s steps).
+DEFAULT_HYPER_LR = {"raw": 1e-6, "normalised": 1e-3}
+
 
 def normalized(x: Tensor, sq_avg: Tensor, count: Tensor, decay: float, ok: Tensor) -> Tensor:
     """Update the running mean of x^2 (in place, where ok) and return x / RMS (0 when RMS = 0)."""
@@ -97,7 +107,8 @@ def adapted_hyper_lr(beta: Tensor, h: Tensor, trend: Tensor, *, shrink: float, g
     trend.copy_(torch.where(ok, TREND_DECAY * trend + (1 - TREND_DECAY) * h, trend))
     factor = torch.where(agree > 0, torch.full_like(beta, grow),
                          torch.where(agree < 0, torch.full_like(beta, shrink), torch.ones_like(beta)))
-    return torch.clamp(beta * factor, min=low, max=high)
+    # beta = 0 (the caller switched the LR update off) stays 0.
+    return torch.where(beta > 0, torch.clamp(beta * factor, min=low, max=high), beta)
 
 
 def cap_tangents_(params: Sequence[Tensor], tangents: Sequence[Tensor],

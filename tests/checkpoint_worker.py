@@ -15,9 +15,10 @@ import marthe_ext
 CONFIGS = {
     "sgdm-val": dict(dynamics="sgdm", mu=0.99, hyper_lr=1e-3, weight_decay=1e-3, grad_clip=5.0),
     "adam-train": dict(dynamics="adam", mu=0.9, hyper_lr=1e-5, lr=0.003),
-    "sgd-auto": dict(dynamics="sgd", mu="auto", hyper_lr=1e-3, hyper_lr_adapt=0.1),
+    "sgd-auto": dict(dynamics="sgd", mu="auto", hyper_lr=1e-3, hyper_lr_adapt=0.1, safeguards=None),
+    "sgdm-robust": dict(dynamics="sgdm", mu=0.99, hyper_lr=1e-3, safeguards="robust"),
 }
-VAL_MODE = {"sgdm-val": True, "adam-train": False, "sgd-auto": True}
+VAL_MODE = {"sgdm-val": True, "adam-train": False, "sgd-auto": True, "sgdm-robust": True}
 
 
 def batch(step, split):
@@ -28,7 +29,7 @@ def batch(step, split):
 def train(config, n, out, ckpt=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
-    kwargs = dict(lr=0.05)
+    kwargs = dict(lr=0.05, safeguards=None)
     kwargs.update(CONFIGS[config])
     opt = marthe_ext.Marthe(model.parameters(), **kwargs)
     start = 0

@@ -202,7 +202,8 @@ def test_cnns_take_any_input_size(name, shape):
 
 def test_demo_runs_and_reports_every_method(tmp_path):
     rows = run_demo(DemoConfig(steps=40), out=tmp_path, progress=False)
-    assert [r["method"].split(" ")[0] for r in rows] == ["Constant", "Constant", "HD", "RTHO", "MARTHE"]
+    assert [r["method"].split(" ")[0] for r in rows] == ["Constant", "Constant", "HD", "RTHO", "MARTHE", "MARTHE"]
+    assert "safeguards=robust" in rows[-1]["method"] and "safeguards" not in rows[-2]["method"]
     for r in rows:
         assert math.isfinite(r["val_loss"]) and r["final_lr"] >= 0 and r["diverged_at"] is None
     assert (tmp_path / "demo.md").read_text().count("\n") == 2 + len(rows)

@@ -273,12 +273,14 @@ def _sync_debug_error():
 @pytest.mark.parametrize("backend", ("torch",) + FAST)
 @pytest.mark.parametrize("dynamics", ("sgdm", "adam"))
 @pytest.mark.parametrize("val_mode", (True, False), ids=("val", "train"))
-def test_step_never_waits_for_the_device(backend, dynamics, val_mode, cuda):
+@pytest.mark.parametrize("safeguards", (None, "robust"), ids=("faithful", "robust"))
+def test_step_never_waits_for_the_device(backend, dynamics, val_mode, safeguards, cuda):
     """No host synchronisation inside step() (hvp reverse, hypergrad grad): the CPU can
     queue the next step while the GPU works. CUDA's sync debug mode raises on any."""
     model = _mlp(cuda)
     opt = marthe_ext.Marthe(model.parameters(), lr=0.01, dynamics=dynamics, mu=0.99,
-                            hyper_lr=1e-3, hvp="reverse", hypergrad="grad", backend=backend)
+                            hyper_lr=1e-3, hvp="reverse", hypergrad="grad", backend=backend,
+                            safeguards=safeguards)
     batches = _batches(cuda, 4)
     _train(model, opt, batches[:3], val_mode)  # state, kernels and tables built here
     (x, y), (xv, yv) = batches[3]

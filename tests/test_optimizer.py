@@ -243,7 +243,7 @@ def test_lr_is_clamped_at_zero():
     # On 0.5 w^2 with lr 1.9 each step overshoots: g_t = -0.9 g_{t-1}, so h > 0 and a huge
     # beta drives eta below zero, where it must stop.
     w = nn.Parameter(torch.tensor([1.0], dtype=F64))
-    opt = marthe_ext.HD([w], lr=1.9, hyper_lr=1e6)
+    opt = marthe_ext.HD([w], lr=1.9, hyper_lr=1e6, safeguards=None)
     lrs = []
     for _ in range(4):
         opt.step(lambda: 0.5 * (w ** 2).sum())
@@ -256,7 +256,8 @@ def test_hyper_lr_adapt_updates_beta():
     model = small_mlp(F64)
     x, y = data(dtype=F64)
     alpha, beta = 0.5, 1e-3
-    opt = marthe_ext.Marthe(model.parameters(), lr=0.05, mu=0.9, hyper_lr=beta, hyper_lr_adapt=alpha)
+    opt = marthe_ext.Marthe(model.parameters(), lr=0.05, mu=0.9, hyper_lr=beta, hyper_lr_adapt=alpha,
+                            safeguards=None)
     val = closure_for(model, x[:8], y[:8])
     opt.step(closure_for(model, x, y), val)
     h, eta = opt.last_hypergrad, opt.lr
@@ -320,7 +321,7 @@ def test_state_dict_for_other_parameters_fails_before_changing_anything():
 
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
-CHECKPOINT_CONFIGS = ["sgdm-val", "adam-train", "sgd-auto"]
+CHECKPOINT_CONFIGS = ["sgdm-val", "adam-train", "sgd-auto", "sgdm-robust"]
 
 
 def test_checkpoint_resume_in_a_new_process_is_bit_identical(tmp_path):

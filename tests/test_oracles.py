@@ -150,7 +150,7 @@ def test_unrolled_hypergradient(dyn, nesterov, mu, hvp):
     s_vec = torch.cat([torch.full((n_first,), 0.5, dtype=F64), torch.ones(w0.numel() - n_first, dtype=F64)])
     wd_vec = torch.cat([torch.full((n_first,), 0.02, dtype=F64), torch.zeros(w0.numel() - n_first, dtype=F64)])
 
-    opt = marthe_ext.Marthe(groups, lr=eta, dynamics=dyn, nesterov=nesterov, mu=mu, hyper_lr=0.0,
+    opt = marthe_ext.Marthe(groups, lr=eta, dynamics=dyn, nesterov=nesterov, mu=mu, hyper_lr=0.0, safeguards=None,
                             hvp=hvp, model=model, backend="torch")
     for t in range(T):
         xb, yb = batches[t]
@@ -180,7 +180,8 @@ def test_hd_special_case_reproduces_hypergradient_descent():
     T, eta0, beta = 8, 0.05, 0.02
     batches, loss_fn, shapes, unflatten, w0 = _unrolled_setup(T)
     model = _FlatModel(unflatten(w0))
-    opt = marthe_ext.HD(model.parameters(), lr=eta0, dynamics="sgd", hyper_lr=beta, backend="torch")
+    opt = marthe_ext.HD(model.parameters(), lr=eta0, dynamics="sgd", hyper_lr=beta, backend="torch",
+                        safeguards=None)
     got = []
     for t in range(T):
         xb, yb = batches[t]

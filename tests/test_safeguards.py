@@ -11,7 +11,8 @@ import torch
 import marthe_ext
 
 F64 = torch.float64
-FAITHFUL = dict(max_lr_change=None, hypergrad_norm=None, max_tangent_ratio=None)
+FAITHFUL = dict(safeguards=None, max_lr_change=None, max_lr_growth=None, hypergrad_norm=None,
+                max_tangent_ratio=None, hyper_lr_rprop=None)
 
 
 def run(steps=25, state_dict=None, **kwargs):
@@ -22,7 +23,7 @@ def run(steps=25, state_dict=None, **kwargs):
     q = torch.randn(n, n, dtype=F64)
     hess = q @ q.T / n + 0.1 * torch.eye(n, dtype=F64)
     w = torch.nn.Parameter(torch.randn(n, dtype=F64))
-    opts = dict(lr=1e-3, dynamics="sgdm", mu=0.99, hyper_lr=1.0)
+    opts = dict(lr=1e-3, dynamics="sgdm", mu=0.99, hyper_lr=1.0, safeguards=None)
     opts.update(kwargs)
     opt = marthe_ext.Marthe([w], **opts)
     start = 0
@@ -171,9 +172,9 @@ def test_meta_step_arguments_are_validated():
     w = [torch.nn.Parameter(torch.zeros(2))]
     norm = dict(hypergrad_norm="rms-log")
     with pytest.raises(ValueError, match="set hypergrad_norm"):
-        marthe_ext.Marthe(w, hyper_lr_rprop=(0.5, 1.2))
+        marthe_ext.Marthe(w, hyper_lr_rprop=(0.5, 1.2), safeguards=None)
     with pytest.raises(ValueError, match="choose one"):
-        marthe_ext.Marthe(w, hyper_lr_rprop=(0.5, 1.2), hyper_lr_adapt=0.1, **norm)
+        marthe_ext.Marthe(w, hyper_lr_rprop=(0.5, 1.2), hyper_lr_adapt=0.1, safeguards=None, **norm)
     with pytest.raises(TypeError, match="pair"):
         marthe_ext.Marthe(w, hyper_lr_rprop=1.2, **norm)
     with pytest.raises(ValueError, match="shrink"):
@@ -184,3 +185,31 @@ def test_meta_step_arguments_are_validated():
         marthe_ext.Marthe(w, hyper_lr=1e-3, hyper_lr_rprop=(0.5, 1.2), hyper_lr_bounds=(1e-2, 1.0), **norm)
     with pytest.raises(ValueError, match="hyper_lr_bounds"):
         marthe_ext.Marthe(w, hyper_lr=1e-3, hyper_lr_rprop=(0.5, 1.2), hyper_lr_bounds=(1e-2, 1e-3), **norm)
+
+
+def test_robust_preset_is_the_same_as_its_options_given_one_by_one():
+    preset, _ = run(steps=30, safeguards="robust", hyper_lr=1e-3)
+    explicit, _ = run(steps=30, hyper_lr=1e-3, **RPROP)
+    for a, b in zip(preset, explicit):
+        assert a["eta"] == b["eta"] and a["beta"] == b["beta"] and torch.equal(a["w"], b["w"])
+
+
+def test_preset_fills_only_the_options_not_given():
+    w = [torch.nn.Parameter(torch.zeros(2))]
+    opt = marthe_ext.Marthe(w, safeguards="robust")
+    assert (opt.hypergrad_norm, opt.max_lr_growth, opt.hyper_lr_rprop) == ("rms-log", 1.1, (0.5, 1.2))
+    assert opt.hyper_lr == 1e-3 and opt.safeguards == "robust"
+    opt = marthe_ext.Marthe(w, safeguards="robust", max_lr_growth=1.5, hypergrad_norm="rms", hyper_lr=0.1)
+    assert (opt.hypergrad_norm, opt.max_lr_growth, opt.hyper_lr) == ("rms", 1.5, 0.1)
+    faithful = marthe_ext.Marthe(w, safeguards=None)
+    assert (faithful.hypergrad_norm, faithful.max_lr_growth, faithful.hyper_lr_rprop) == (None, None, None)
+    assert faithful.hyper_lr == 1e-6
+    with pytest.raises(ValueError, match="safeguards must be None or one of"):
+        marthe_ext.Marthe(w, safeguards="safe")
+    with pytest.raises(ValueError, match="pass safeguards=None"):
+        marthe_ext.Marthe(w, safeguards="robust", hyper_lr_adapt=0.1)
+
+
+def test_zero_beta_keeps_the_lr_fixed_under_the_robust_preset():
+    trace, _ = run(steps=10, safeguards="robust", hyper_lr=0.0)
+    assert all(t["eta"] == 1e-3 and t["beta"] == 0.0 for t in trace)

@@ -1,5 +1,7 @@
 """The quick demo: an MLP on scikit-learn's bundled 8x8 digits with MARTHE, HD, RTHO and fixed LRs.
 
+MARTHE runs twice: the paper's algorithm, and with ``safeguards="robust"``.
+
 Every method starts from the same weights at eta0 = 0.01 (a deliberately small LR) and
 sees the same mini-batches; the hypergradient methods use the validation loss after each
 step (the paper's setting). About 20-30 s on 2 CPU cores.
@@ -40,6 +42,8 @@ def demo_methods(cfg: DemoConfig) -> list[MethodSpec]:
         MethodSpec("HD", {"beta": cfg.beta}),
         MethodSpec("RTHO", {"beta": cfg.beta}),
         MethodSpec("MARTHE", {"beta": cfg.beta, "mu": cfg.mu}),
+        # The library's safeguard preset (beta then only seeds its own adaptation).
+        MethodSpec("MARTHE", {"beta": cfg.beta, "mu": cfg.mu, "safeguards": "robust"}),
     ]
 
 

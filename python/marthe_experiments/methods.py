@@ -108,10 +108,13 @@ class Trainer:
             mu = {"HD": 0.0, "RTHO": 1.0}.get(self.family, hp.get("mu"))
             if mu is None or "beta" not in hp:
                 raise ValueError(f"{self.family} needs hp['beta']" + (" and hp['mu']" if mu is None else ""))
+            # The paper's algorithm unless the method names a safeguard preset (hp["safeguards"]),
+            # whatever the library's default: the experiments reproduce the paper.
+            options = {"safeguards": hp.get("safeguards"), **dict(p.marthe_options)}
             self.opt = marthe_ext.Marthe(
                 params, lr=hp.get("lr", p.lr), dynamics=p.dynamics, momentum=p.momentum,
                 weight_decay=p.weight_decay, mu=mu, hyper_lr=hp["beta"], grad_clip=p.grad_clip,
-                hvp=p.hvp, hypergrad=p.hypergrad, backend=p.backend, model=model, **dict(p.marthe_options))
+                hvp=p.hvp, hypergrad=p.hypergrad, backend=p.backend, model=model, **options)
         elif self.family in SCHEDULE_FAMILIES:
             if self.family == "LRS-OPT":
                 self.schedule = [float(v) for v in hp["schedule"]]

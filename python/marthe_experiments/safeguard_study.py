@@ -66,10 +66,15 @@ VARIANTS: dict[str, dict] = {
     # (a') + (b): rms-log's hard braking kept, only its growth capped at 10 % per step
     # (rms-log's one divergence was a climb to eta = 47).
     "rms-log+growth": {"hypergrad_norm": "rms-log", "hypergrad_norm_decay": 0.99, "max_lr_growth": 1.1},
-    # (b) + (a') + (d): beta itself adapts, x1.2 while h keeps its sign, x0.5 when it flips
-    # (Rprop's factors), within [1e-6, 1]: the user's beta is only the first meta step.
+    # (b) + (a') + (d): beta itself adapts, x1.2 while h agrees with its trend, x0.5 when
+    # not (Rprop's factors), within [1e-6, 0.1]: the user's beta is only the first meta
+    # step. The cap 0.1 ~ log(1.1) keeps a typical (unit) normalised step within the growth
+    # cap's 10 %; with a cap of 1 ("rprop-beta-max-1", run first) single spikes cut eta
+    # 20-80x at once and it took hundreds of steps to climb back.
     "rms-log+growth+rprop": {"hypergrad_norm": "rms-log", "hypergrad_norm_decay": 0.99, "max_lr_growth": 1.1,
-                             "hyper_lr_rprop": (0.5, 1.2)},
+                             "hyper_lr_rprop": (0.5, 1.2), "hyper_lr_bounds": (1e-6, 0.1)},
+    "rprop-beta-max-1": {"hypergrad_norm": "rms-log", "hypergrad_norm_decay": 0.99, "max_lr_growth": 1.1,
+                         "hyper_lr_rprop": (0.5, 1.2), "hyper_lr_bounds": (1e-6, 1.0)},
 }
 DEFAULT_VARIANTS = ("faithful", "lr-change", "rms-log", "tangent-cap", "rms-log+lr-change")
 
@@ -158,7 +163,7 @@ def run_one(cfg: StudyConfig, variant: str, mu: float, beta: float, seed: int, t
     model.train()
     opt = marthe_ext.Marthe(list(model.parameters()), lr=cfg.eta0, dynamics="sgd", mu=mu, hyper_lr=beta,
                             grad_clip=cfg.grad_clip, hvp="reverse", hypergrad="grad", backend="torch",
-                            model=model, **VARIANTS[variant])
+                            model=model, **{"safeguards": None, **VARIANTS[variant]})
     params = list(model.parameters())
     lrs, reason, stopped_at = [cfg.eta0], None, None
     # How close the run came to triggering (a) and (c): lets a faithful run stand for them.
