@@ -6,8 +6,10 @@ For each model, in one run, side by side:
 * ``reverse``         the library's double-backward engine (``marthe_ext.hvp``);
 * ``forward``         the library's forward-over-reverse engine (dual parameters);
 * ``func``            ``torch.func.jvp(torch.func.grad(f))`` with ``functional_call`` and
-                      the buffers passed explicitly (cloned: BatchNorm in train mode
-                      updates them in place);
+                      the buffers passed explicitly, cloned inside the transformed
+                      function and returned as its auxiliary output (BatchNorm in train
+                      mode updates them in place, which the transforms refuse on captured
+                      tensors; the returned copies hold exactly one step's update);
 * ``func+compile``    the same function under ``torch.compile``;
 * ``reverse+compile`` the double-backward function under ``torch.compile``;
 * ``reverse+graph``   the double-backward function captured once in a CUDA graph and
@@ -67,9 +69,14 @@ def variants(model, x, y, params, tangents):
     def loss_of(p, b):
         return F.cross_entropy(functional_call(model, (p, b), (x,)), y)
 
+    def loss_and_buffers(p, b):
+        b = {k: v.clone() for k, v in b.items()}  # updated in place by BatchNorm: returned
+        return loss_of(p, b), b
+
     def func_hvp(p, t, b):
-        b = {k: v.clone() for k, v in b.items()}  # BatchNorm updates them in place
-        return jvp(lambda q: grad(loss_of)(q, b), (p,), (t,))
+        g, h, _new_buffers = jvp(lambda q: grad(loss_and_buffers, has_aux=True)(q, b), (p,), (t,),
+                                 has_aux=True)
+        return g, h
 
     compiled_func = torch.compile(func_hvp, dynamic=False)
 
@@ -94,9 +101,10 @@ def variants(model, x, y, params, tangents):
         "reverse": engine("reverse"),
         "forward": engine("forward"),
         "func": func_run(func_hvp),
-        "func+compile": func_run(compiled_func),
-        "reverse+compile": lambda: compiled_double(*params),
+        # Slowest to set up last: a run cut short by a time limit keeps the rows before.
         "reverse+graph": cuda_graphed(lambda: double_backward(*params), params[0].device),
+        "reverse+compile": lambda: compiled_double(*params),
+        "func+compile": func_run(compiled_func),
     }
 
 
@@ -154,7 +162,8 @@ def measure(name: str, fn, dev, reference, rounds: int) -> dict:
     return row
 
 
-def run_model(name: str, dev, rounds: int) -> list[dict]:
+def run_model(name: str, dev, rounds: int, report=None) -> list[dict]:
+    """Every variant on one model; ``report(row)`` is called as each row is done."""
     spec = model_spec(name, reduced=dev.type == "cpu")
     torch.manual_seed(0)
     model = spec.build().to(dev).train()
@@ -163,11 +172,15 @@ def run_model(name: str, dev, rounds: int) -> list[dict]:
     tangents = [torch.randn_like(p) * 1e-2 for p in params]
     fns = variants(model, x, y, params, tangents)
     reference = fns["reverse"]()
-    rows = [dict(measure(v, fn, dev, reference, rounds), model=name) for v, fn in fns.items()]
-    base = next(r.get("median_s") for r in rows if r["variant"] == "grad")
-    for r in rows:
-        if "median_s" in r and base:
-            r["ratio_to_grad"] = r["median_s"] / base
+    rows, base = [], None
+    for v, fn in fns.items():
+        row = dict(measure(v, fn, dev, reference, rounds), model=name)
+        base = row.get("median_s") if v == "grad" else base
+        if "median_s" in row and base:
+            row["ratio_to_grad"] = row["median_s"] / base
+        rows.append(row)
+        if report is not None:
+            report(row)
     return rows
 
 
@@ -194,11 +207,13 @@ def main(argv=None) -> int:
     dev = harness.device()
     if dev.type == "cpu":
         torch.set_num_threads(harness.cpu_threads())
-    rows = []
-    for name in args.models.split(","):
-        rows += run_model(name, dev, args.rounds)
     env = harness.environment(dev)
     print(", ".join(f"{k} {v}" for k, v in env.items()))
+    print(table([]), flush=True)
+    rows = []
+    for name in args.models.split(","):  # rows print as they finish (a time limit keeps them)
+        rows += run_model(name, dev, args.rounds, report=lambda r: print(table([r]).splitlines()[-1], flush=True))
+    print()
     print(table(rows))
     if args.json is not None:
         args.json.write_text(json.dumps(dict(environment=env, rows=rows), indent=1))

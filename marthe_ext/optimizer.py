@@ -10,7 +10,9 @@ descends the hypergradient of a validation loss :math:`E` with respect to the LR
 
 with :math:`A_t = \partial\Phi_t/\partial x`, :math:`B_t = \partial\Phi_t/\partial\eta` for
 one step :math:`\Phi_t` of SGD, SGD-momentum, Adam or AdamW. :math:`\mu = 0` is
-hypergradient descent (HD), :math:`\mu = 1` is RTHO. The maths of every dynamics is in
+hypergradient descent (HD), :math:`\mu = 1` is RTHO. By default (``safeguards="robust"``)
+the LR update is the safeguarded one of ``safeguards.py`` (same tangent, hypergradient
+normalised and stepped in log eta, beta adapted); ``safeguards=None`` is the update above. The maths of every dynamics is in
 ``docs``/SPEC and in ``backends/torch_ref.py``; this class only validates, keeps state,
 runs the closure protocol and hands lists of tensors to a backend.
 

@@ -1,4 +1,5 @@
-r"""Safeguards against a runaway learning rate (all off = the faithful algorithm of SPEC §2).
+r"""Safeguards against a runaway learning rate (all off = the faithful algorithm of SPEC §2;
+``Marthe``'s default is the preset "robust" = (b) "rms-log" + (a') 1.1 + (d) (0.5, 1.2)).
 
 The tangent maths is untouched; these only shape how the hypergradient moves eta, and
 bound the tangent's size. Everything is device-scalar arithmetic or one foreach pass:

@@ -137,3 +137,18 @@ def test_compile_investigation_variants_agree_and_tabulate():
     assert failing["error"].startswith("ZeroDivisionError")
     text = compile_hvp.table(rows + [dict(failing, model="tiny")])
     assert text.count("\n") == 6 and "| tiny | func |" in text and "ZeroDivisionError" in text
+
+
+def test_compile_investigation_func_variant_handles_batchnorm_in_train_mode():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(27, 3)).double().train()
+    x, y = torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    params = list(model.parameters())
+    tangents = [torch.randn_like(p) for p in params]
+    before = model[1].running_mean.clone()
+    fns = compile_hvp.variants(model, x, y, params, tangents)
+    g, h = fns["func"]()
+    assert torch.equal(model[1].running_mean, before), "the func variant works on copies"
+    ref_g, ref_h = fns["reverse"]()
+    assert compile_hvp._rel(h, ref_h) < 1e-12 and compile_hvp._rel(g, ref_g) < 1e-12
