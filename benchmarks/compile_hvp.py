@@ -213,8 +213,6 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models.split(","):  # rows print as they finish (a time limit keeps them)
         rows += run_model(name, dev, args.rounds, report=lambda r: print(table([r]).splitlines()[-1], flush=True))
-    print()
-    print(table(rows))
     if args.json is not None:
         args.json.write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
     return 0
