@@ -640,7 +640,9 @@ class Marthe(torch.optim.Optimizer):
 
 
 class HD(Marthe):
-    """Hypergradient descent (Baydin et al., 2018): ``Marthe`` with mu = 0 (no HVP)."""
+    """Hypergradient descent (Baydin et al., 2018): ``Marthe`` with mu = 0 (no HVP).
+
+    Baydin et al.'s update exactly with ``safeguards=None``; safeguarded by default."""
 
     def __init__(self, params, lr: float = 0.01, **kwargs):
         if "mu" in kwargs:
@@ -649,7 +651,9 @@ class HD(Marthe):
 
 
 class RTHO(Marthe):
-    """Real-time hyperparameter optimisation (Franceschi et al., 2017): ``Marthe`` with mu = 1."""
+    """Real-time hyperparameter optimisation (Franceschi et al., 2017): ``Marthe`` with mu = 1.
+
+    The published update exactly with ``safeguards=None``; safeguarded by default."""
 
     def __init__(self, params, lr: float = 0.01, **kwargs):
         if "mu" in kwargs:
