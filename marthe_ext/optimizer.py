@@ -12,9 +12,10 @@ with :math:`A_t = \partial\Phi_t/\partial x`, :math:`B_t = \partial\Phi_t/\parti
 one step :math:`\Phi_t` of SGD, SGD-momentum, Adam or AdamW. :math:`\mu = 0` is
 hypergradient descent (HD), :math:`\mu = 1` is RTHO. By default (``safeguards="robust"``)
 the LR update is the safeguarded one of ``safeguards.py`` (same tangent, hypergradient
-normalised and stepped in log eta, beta adapted); ``safeguards=None`` is the update above. The maths of every dynamics is in
-``docs``/SPEC and in ``backends/torch_ref.py``; this class only validates, keeps state,
-runs the closure protocol and hands lists of tensors to a backend.
+normalised and stepped in log eta, beta adapted); ``safeguards=None`` is the update above.
+The maths of every dynamics is in ``docs``/SPEC and in ``backends/torch_ref.py``; this
+class only validates, keeps state, runs the closure protocol and hands lists of tensors
+to a backend.
 
 All changing scalars (eta, beta, mu, the step count, the hypergradient) live on the
 parameters' device; ``step()`` never waits for the device. Read them with ``opt.lr``,
@@ -118,7 +119,7 @@ class Marthe(torch.optim.Optimizer):
             average and by shrink when it disagrees, kept in ``hyper_lr_bounds`` (whose
             defaults suit "rms-log", where beta is a relative step). Needs
             ``hypergrad_norm``; ``hyper_lr`` is then only the first meta step.
-        safeguards: a preset, None | "robust". "robust" sets ``hypergrad_norm="rms-log"``,
+        safeguards: a preset, "robust" (the default) | None. "robust" sets ``hypergrad_norm="rms-log"``,
             ``max_lr_growth=1.1``, ``hyper_lr_rprop=(0.5, 1.2)`` unless given (the safeguard
             study's recommendation). None with no safeguard option is the faithful algorithm
             of SPEC section 2.
@@ -165,9 +166,7 @@ class Marthe(torch.optim.Optimizer):
                              f"got {safeguards!r}")
         self.safeguards = safeguards
         preset = _safeguards.PRESETS.get(safeguards, {})
-        if hyper_lr_adapt and preset.get("hyper_lr_rprop") and hyper_lr_rprop is None:
-            raise ValueError(f"hyper_lr_adapt (the paper's additive beta adaptation) conflicts with "
-                             f"safeguards={safeguards!r}, which adapts beta itself: pass safeguards=None")
+        rprop_from_preset = hyper_lr_rprop is None and preset.get("hyper_lr_rprop") is not None
         hypergrad_norm = preset.get("hypergrad_norm") if hypergrad_norm is None else hypergrad_norm
         max_lr_growth = preset.get("max_lr_growth") if max_lr_growth is None else max_lr_growth
         hyper_lr_rprop = preset.get("hyper_lr_rprop") if hyper_lr_rprop is None else hyper_lr_rprop
@@ -193,6 +192,9 @@ class Marthe(torch.optim.Optimizer):
             mu = _number("mu", mu, 0.0, 1.0)
         self.hyper_lr_init = _number("hyper_lr", hyper_lr, 0.0)
         self.hyper_lr_adapt = _number("hyper_lr_adapt", hyper_lr_adapt, 0.0)
+        if self.hyper_lr_adapt and rprop_from_preset:
+            raise ValueError(f"hyper_lr_adapt (the paper's additive beta adaptation) conflicts with "
+                             f"safeguards={safeguards!r}, which adapts beta itself: pass safeguards=None")
         if grad_clip is not None:
             grad_clip = _number("grad_clip", grad_clip, 0.0, low_open=True)
         self.hvp = _choice("hvp", hvp, HVP_ENGINES)
