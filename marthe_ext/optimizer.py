@@ -216,6 +216,10 @@ class Marthe(torch.optim.Optimizer):
             raise ValueError(f"hypergrad_norm must be one of {_safeguards.HYPERGRAD_NORMS}, "
                              f"got {hypergrad_norm!r}")
         self.hypergrad_norm = hypergrad_norm
+        if hypergrad_norm == "rms-log" and lr == 0:
+            raise ValueError("lr must be > 0 with hypergrad_norm='rms-log' (the default safeguards): the LR "
+                             "moves in log space, so 0 would stay 0; pass safeguards=None for the paper's "
+                             "update from lr=0")
         self.hypergrad_norm_decay = _number("hypergrad_norm_decay", hypergrad_norm_decay, 0.0, 1.0,
                                             high_open=True)
         self.max_tangent_ratio = None if max_tangent_ratio is None else _number(

@@ -213,3 +213,10 @@ def test_preset_fills_only_the_options_not_given():
 def test_zero_beta_keeps_the_lr_fixed_under_the_robust_preset():
     trace, _ = run(steps=10, safeguards="robust", hyper_lr=0.0)
     assert all(t["eta"] == 1e-3 and t["beta"] == 0.0 for t in trace)
+
+
+def test_log_space_update_refuses_a_zero_lr():
+    w = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="lr must be > 0 with hypergrad_norm='rms-log'"):
+        marthe_ext.Marthe(w, lr=0.0)
+    assert marthe_ext.Marthe(w, lr=0.0, safeguards=None).lr == 0.0
