@@ -214,6 +214,9 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in ("HD", "RTHO", "MARTHE", "Constant"):
         assert name in out
+    assert cli.main(["demo", "--steps", "10", "--dynamics", "adam", "--eta0", "0.001", "--out", str(tmp_path / "a"),
+                     "--no-progress"]) == 0
+    assert "Digits MLP, adam from eta0 = 0.001" in capsys.readouterr().out
     assert cli.main(["e1", "--quick", "--dataset", "mnist", "--out", str(tmp_path / "e"), "--no-progress"]) == 2
     assert "mnist: no data directory given" in capsys.readouterr().err
     assert cli.main(["e1", "--quick", "--steps", "12", "--hidden", "8", "--lrs-iterations", "1", "--mus", "0.5",

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(demo, "runs/demo", threads=1)
     demo.add_argument("--steps", type=int, default=None)
     demo.add_argument("--beta", type=float, default=None, help="hyper-learning rate of HD/RTHO/MARTHE")
+    demo.add_argument("--dynamics", choices=("sgd", "adam"), default=None, help="inner optimizer (default sgd)")
+    demo.add_argument("--eta0", type=float, default=None, help="initial LR (default 0.01)")
 
     e1 = sub.add_parser("e1", help="LR-schedule study: LRS-OPT vs MARTHE/HD/RTHO/Exponential (MLP, SGD)")
     common(e1, "runs/e1")
@@ -156,8 +158,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 cfg.steps = args.steps
             if args.beta:
                 cfg.beta = args.beta
+            if args.dynamics:
+                cfg.dynamics = args.dynamics
+            if args.eta0:
+                cfg.eta0 = args.eta0
             rows = run_demo(cfg, out=args.out, progress=progress, device=device)
-            print(f"Digits MLP, SGD from eta0 = {cfg.eta0}, {cfg.steps} steps; hypergradient methods: beta = "
+            print(f"Digits MLP, {cfg.dynamics} from eta0 = {cfg.eta0}, {cfg.steps} steps; hypergradient methods: beta = "
                   f"{cfg.beta}, MARTHE mu = {cfg.mu}")
             print(demo_table(rows))
         elif args.command == "e1":

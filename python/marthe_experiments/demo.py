@@ -30,6 +30,7 @@ class DemoConfig:
     batch_size: int = 50
     steps: int = 400
     eta0: float = 0.01
+    dynamics: str = "sgd"     # or "adam" (e.g. with eta0 = 1e-3)
     beta: float = 1e-3
     mu: float = 0.99
     seed: int = 0
@@ -53,7 +54,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out: Optional[Path] = None, progres
     torch.manual_seed(cfg.seed)
     init = build_model("mlp", data.input_shape, data.num_classes, hidden=cfg.hidden).state_dict()
     batches = batch_schedule(cfg.n_train, cfg.batch_size, cfg.steps, seed=cfg.seed).to(device)
-    protocol = Protocol("sgd", lr=cfg.eta0)
+    protocol = Protocol(cfg.dynamics, lr=cfg.eta0)
     rows = []
     for spec in demo_methods(cfg):
         model = build_model("mlp", data.input_shape, data.num_classes, hidden=cfg.hidden).to(device)
