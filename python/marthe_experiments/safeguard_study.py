@@ -66,16 +66,17 @@ VARIANTS: dict[str, dict] = {
     # (a') + (b): rms-log's hard braking kept, only its growth capped at 10 % per step
     # (rms-log's one divergence was a climb to eta = 47).
     "rms-log+growth": {"hypergrad_norm": "rms-log", "hypergrad_norm_decay": 0.99, "max_lr_growth": 1.1},
-    # (b) + (a') + (d): beta itself adapts, x1.2 while h agrees with its trend, x0.5 when
-    # not (Rprop's factors), within [1e-6, 0.1]: the user's beta is only the first meta
-    # step. The cap 0.1 ~ log(1.1) keeps a typical (unit) normalised step within the growth
-    # cap's 10 %; with a cap of 1 ("rprop-beta-max-1", run first) single spikes cut eta
-    # 20-80x at once and it took hundreds of steps to climb back.
+    # (b) + (a') + (d) = Marthe's default, safeguards="robust" (spelled out: the recorded runs
+    # stay tied to these options if the preset changes): beta itself adapts, x1.2 while h
+    # agrees with its trend, x0.5 when not (Rprop's factors), within [1e-6, 0.1]: the user's
+    # beta is only the first meta step. The cap 0.1 ~ log(1.1) keeps a typical (unit)
+    # normalised step within the growth cap's 10 %.
     "rms-log+growth+rprop": {"hypergrad_norm": "rms-log", "hypergrad_norm_decay": 0.99, "max_lr_growth": 1.1,
                              "hyper_lr_rprop": (0.5, 1.2), "hyper_lr_bounds": (1e-6, 0.1)},
-    "rprop-beta-max-1": {"hypergrad_norm": "rms-log", "hypergrad_norm_decay": 0.99, "max_lr_growth": 1.1,
-                         "hyper_lr_rprop": (0.5, 1.2), "hyper_lr_bounds": (1e-6, 1.0)},
 }
+# The first version of (d), run first: with a cap of 1 single spikes cut eta 20-80x at once
+# and it took hundreds of steps to climb back.
+VARIANTS["rprop-beta-max-1"] = dict(VARIANTS["rms-log+growth+rprop"], hyper_lr_bounds=(1e-6, 1.0))
 DEFAULT_VARIANTS = ("faithful", "lr-change", "rms-log", "tangent-cap", "rms-log+lr-change")
 
 TARGET_BEST_E = 0.458      # the authors' best E on this setup (issue 8)
