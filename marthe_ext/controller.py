@@ -1,0 +1,227 @@
+r"""``HyperController``: eta, beta and mu, and every rule that changes them (one file).
+
+MARTHE's tangent gives the hypergradient :math:`h_t = \langle \nabla E, Z^w \rangle`; this
+object turns it into the next learning rate. It owns the device scalars (float64, on the
+parameters' device, so ``step()`` never waits for the device):
+
+    eta, beta, mu, mu_counter   the LR, its own step size, the tangent's discount
+    step, skipped               applied and skipped steps
+    last_hypergrad              this step's h
+    h_sq_avg, h_count           (b): the running mean of h^2 and its bias-correction count
+    h_trend                     (d): the running average of h
+
+Every update is masked by ``ok`` (a device bool): a skipped step changes nothing.
+
+**The paper's update** (``safeguards=None``, SPEC section 2, step 5):
+
+.. math:: \eta \leftarrow \max(\eta - \beta h, 0)
+
+**Safeguards of the LR update** (``Marthe``'s default is the preset "robust" = (b) "rms-log"
++ (a') 1.1 + (d) (0.5, 1.2); the tangent cap (c) is in ``safeguards.py``):
+
+(a) ``max_lr_change = rho > 1``: :math:`\eta_{t+1} \in [\eta_t / \rho,\ \rho\, \eta_t]`.
+
+(a') ``max_lr_growth = rho_up > 1``: growth only, :math:`\eta_{t+1} \le \rho_{up}\, \eta_t`;
+    decreases stay free, so a runaway is braked as hard as the hypergradient says.
+
+(b) ``hypergrad_norm``: divide by a running RMS (bias-corrected, decay ``d``), so beta no
+    longer depends on the scale of h (Adam-style meta-updates):
+
+    .. math:: v \leftarrow d v + (1-d) x^2, \quad \hat x = x / \sqrt{v / (1 - d^n)}
+
+    "rms": :math:`x = h` and :math:`\eta \leftarrow \max(\eta - \beta \hat x, 0)`.
+    "rms-log": descend in log eta, :math:`x = \eta h = \partial E / \partial \log\eta` and
+    :math:`\eta \leftarrow \eta\, e^{-\beta \hat x}`: beta is a relative step, eta stays
+    positive without a clamp, and :math:`|\log(\eta_{t+1}/\eta_t)| \le \beta/\sqrt{1-d}`.
+
+(d) ``hyper_lr_rprop = (shrink, grow)`` with (b): beta adapts multiplicatively from the
+    sign agreement of h with its trend (delta-bar-delta / Rprop one level up):
+
+    .. math:: \beta_t = \mathrm{clip}\big(\beta_{t-1} \cdot
+              \{\text{grow if } h_t \bar h_{t-1} > 0;\ \text{shrink if } h_t \bar h_{t-1} < 0;
+              \ 1 \text{ otherwise}\},\ \beta_{min}, \beta_{max}\big),
+              \qquad \bar h_t = 0.9\, \bar h_{t-1} + 0.1\, h_t,
+
+    and this step's LR update uses :math:`\beta_t`. Agreement with the trend (eta is far from
+    where E wants it) lengthens the meta step geometrically; disagreement (overshoot or
+    noise) shortens it. Comparing with the trend rather than with the previous h ignores
+    the period-2 sign flips a tangent shows at a large LR, which would otherwise freeze
+    beta at its floor (measured: the README's study). beta = 0 stays 0 (LR fixed).
+
+**The paper's beta adaptation** (``hyper_lr_adapt = alpha > 0``, after the LR update):
+:math:`\beta \leftarrow \max(\beta + \alpha\, h\, \eta_{new}, 0)`.
+
+**Automatic mu** (``mu="auto"``, the authors' rule, after the LR update, from the validation
+gradient and this step's clipped training gradient):
+:math:`q = \eta / \langle \nabla E, g_c \rangle`, :math:`z = \mathrm{clip}(q, 0, 1)`,
+:math:`c \leftarrow c\, \mathrm{sign}(\mu) + \mu`, :math:`\mu \leftarrow z^{1/(c+1)}`, from
+mu = -1 (the sentinel "no update yet"; the tangent uses clip(mu, 0, 1)) and c = 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .config import MartheConfig
+
+TREND_DECAY = 0.9  # (d): the hypergradient trend averages about the last 10 steps
+
+# Checkpoint entries of the controller (the keys of ``HyperController.scalars``).
+SCALAR_KEYS = ("eta", "beta", "mu", "mu_counter", "step", "skipped", "last_hypergrad",
+               "h_sq_avg", "h_count")
+# Added after the first checkpoints were written: absent from a state dict means its start value.
+SCALAR_KEYS_SINCE_V1 = ("h_trend",)
+
+
+def normalized(x: Tensor, sq_avg: Tensor, count: Tensor, decay: float, ok: Tensor) -> Tensor:
+    """(b): update the running mean of x^2 (in place, where ok) and return x / RMS (0 when RMS = 0)."""
+    new_sq = decay * sq_avg + (1 - decay) * x * x
+    new_count = count + 1
+    sq_avg.copy_(torch.where(ok, new_sq, sq_avg))
+    count.copy_(torch.where(ok, new_count, count))
+    v_hat = new_sq / (1 - decay ** new_count)
+    safe = torch.where(v_hat > 0, v_hat, torch.ones_like(v_hat))
+    return torch.where(v_hat > 0, x / torch.sqrt(safe), torch.zeros_like(x))
+
+
+def next_lr(eta: Tensor, beta: Tensor, h: Tensor, *, norm: Optional[str], sq_avg: Tensor,
+            count: Tensor, decay: float, rho: Optional[float], ok: Tensor,
+            rho_up: Optional[float] = None) -> Tensor:
+    """The LR after one hypergradient step: the paper's update, or (b) with (a) and (a')."""
+    if norm == "rms-log":
+        x = normalized(eta * h, sq_avg, count, decay, ok)
+        eta_new = eta * torch.exp(-beta * x)
+    elif norm == "rms":
+        eta_new = torch.clamp(eta - beta * normalized(h, sq_avg, count, decay, ok), min=0.0)
+    else:
+        eta_new = torch.clamp(eta - beta * h, min=0.0)
+    if rho is not None:
+        eta_new = torch.minimum(torch.maximum(eta_new, eta / rho), eta * rho)
+    if rho_up is not None:
+        eta_new = torch.minimum(eta_new, eta * rho_up)
+    return eta_new
+
+
+def adapted_hyper_lr(beta: Tensor, h: Tensor, trend: Tensor, *, shrink: float, grow: float,
+                     low: float, high: float, ok: Tensor) -> Tensor:
+    """(d): beta scaled by grow / shrink when h agrees / disagrees in sign with the trend (1
+    when either is 0 or non-finite), clipped to [low, high]; the trend is updated in place
+    where ok."""
+    agree = h * trend
+    trend.copy_(torch.where(ok, TREND_DECAY * trend + (1 - TREND_DECAY) * h, trend))
+    factor = torch.where(agree > 0, torch.full_like(beta, grow),
+                         torch.where(agree < 0, torch.full_like(beta, shrink), torch.ones_like(beta)))
+    return torch.where(beta > 0, torch.clamp(beta * factor, min=low, max=high), beta)
+
+
+def auto_mu(mu: Tensor, counter: Tensor, eta: Tensor, dot: Tensor) -> tuple[Tensor, Tensor]:
+    """The authors' rule, from ``dot = <grad E, g_c>``; returns (mu, counter).
+
+    Defined everywhere (never NaN): ``dot <= 0`` or non-finite gives z = 0 (no evidence that
+    the past helps, so forget it); 1 / (c + 1) with c + 1 <= 0 (c = -1 after the first update
+    from the -1 sentinel) is +inf, so mu = 1 if z == 1 else 0.
+    """
+    q = eta / torch.where(dot > 0, dot, torch.ones_like(dot))
+    z = torch.where(dot > 0, torch.clamp(q, 0.0, 1.0), torch.zeros_like(q))
+    c_new = counter * torch.sign(mu) + mu
+    exponent = torch.where(c_new + 1 > 0, 1.0 / torch.clamp(c_new + 1, min=1e-300),
+                           torch.full_like(c_new, math.inf))
+    return torch.pow(z, exponent), c_new
+
+
+class HyperController:
+    """Owns eta, beta, mu and their statistics; applies the rules above, masked by ``ok``."""
+
+    def __init__(self, config: MartheConfig, device: torch.device):
+        self.config = config
+        f64 = dict(dtype=torch.float64, device=device)
+        self.scalars: dict[str, Tensor] = {
+            "eta": torch.tensor(config.lr, **f64),
+            "beta": torch.tensor(config.hyper_lr, **f64),
+            # auto: -1 marks "no update yet" (the authors' sentinel); the tangent uses clip(mu, 0, 1).
+            "mu": torch.tensor(-1.0 if config.mu_auto else config.mu, **f64),
+            "mu_counter": torch.zeros((), **f64),
+            "step": torch.zeros((), **f64),
+            "skipped": torch.zeros((), dtype=torch.int64, device=device),
+            "last_hypergrad": torch.zeros((), **f64),
+            "h_sq_avg": torch.zeros((), **f64),
+            "h_count": torch.zeros((), **f64),
+            "h_trend": torch.zeros((), **f64),
+        }
+
+    # ------------------------------------------------------------------ reads
+    @property
+    def eta(self) -> Tensor:
+        return self.scalars["eta"]
+
+    def zero(self) -> Tensor:
+        """A float64 device zero, the start of a sum of partial hypergradients."""
+        return torch.zeros_like(self.scalars["eta"])
+
+    def mu_for_tangent(self) -> Tensor:
+        """The discount the tangent update uses: clip(mu, 0, 1) (mu = -1 is auto's sentinel)."""
+        return torch.clamp(self.scalars["mu"], 0.0, 1.0)
+
+    # ------------------------------------------------------------------ rules
+    def count_step(self, ok: Tensor) -> Tensor:
+        """Advance the step count where ok; returns the count after this step (Adam's k)."""
+        step_k = self.scalars["step"] + ok.to(torch.float64)
+        self.scalars["step"].copy_(step_k)
+        return step_k
+
+    def count_skip(self, ok: Tensor) -> None:
+        self.scalars["skipped"].add_((~ok).to(torch.int64))
+
+    def update_lr(self, h: Tensor, ok: Tensor) -> None:
+        """One LR update from the hypergradient h: (d) adapts beta first, then the paper's
+        update or (a)/(a')/(b), then alpha's beta adaptation; nothing changes where not ok."""
+        cfg, s = self.config, self.scalars
+        beta = s["beta"]
+        if cfg.hyper_lr_rprop is not None:
+            beta = adapted_hyper_lr(
+                beta, h, s["h_trend"], shrink=cfg.hyper_lr_rprop[0], grow=cfg.hyper_lr_rprop[1],
+                low=cfg.hyper_lr_bounds[0], high=cfg.hyper_lr_bounds[1], ok=ok)
+            s["beta"].copy_(torch.where(ok, beta, s["beta"]))
+        s["last_hypergrad"].copy_(h)
+        eta_new = next_lr(
+            s["eta"], beta, h, norm=cfg.hypergrad_norm, sq_avg=s["h_sq_avg"], count=s["h_count"],
+            decay=cfg.hypergrad_norm_decay, rho=cfg.max_lr_change, ok=ok, rho_up=cfg.max_lr_growth)
+        if cfg.hyper_lr_adapt:
+            beta_new = torch.clamp(s["beta"] + cfg.hyper_lr_adapt * h * eta_new, min=0.0)
+            s["beta"].copy_(torch.where(ok, beta_new, s["beta"]))
+        s["eta"].copy_(torch.where(ok, eta_new, s["eta"]))
+
+    def update_mu(self, dot: Tensor, ok: Tensor) -> None:
+        """mu="auto": the authors' rule from ``dot = <grad E, g_c>`` (after the LR update)."""
+        s = self.scalars
+        mu_new, c_new = auto_mu(s["mu"], s["mu_counter"], s["eta"], dot)
+        s["mu_counter"].copy_(torch.where(ok, c_new, s["mu_counter"]))
+        s["mu"].copy_(torch.where(ok, mu_new, s["mu"]))
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.scalars.items()}
+
+    @staticmethod
+    def check_state_dict(meta: dict) -> None:
+        for k in SCALAR_KEYS + SCALAR_KEYS_SINCE_V1:
+            if k not in meta:
+                if k in SCALAR_KEYS_SINCE_V1:
+                    continue
+                raise ValueError(f"state dict lacks the hyper-state entry {k!r}")
+            value = meta[k]
+            if not isinstance(value, (Tensor, int, float)) or torch.as_tensor(value).numel() != 1:
+                raise ValueError(f"hyper-state entry {k!r} must be a scalar, got {value!r}")
+
+    def load_state_dict(self, meta: dict) -> None:
+        """Copy the saved scalars in (checked first by ``check_state_dict``)."""
+        for k in SCALAR_KEYS:
+            self.scalars[k].copy_(meta[k])
+        for k in SCALAR_KEYS_SINCE_V1:
+            if k in meta:
+                self.scalars[k].copy_(meta[k])
+            else:
+                self.scalars[k].zero_()
