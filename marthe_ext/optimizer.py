@@ -79,7 +79,10 @@ class Marthe(torch.optim.Optimizer):
         hvp: Hessian-vector product engine, "reverse" | "forward" | "fd" | "auto" (the
             faster of the exact engines that work for the model -- forward needs ``model``
             -- timed once on the first step that needs an HVP; ``opt.hvp_engine`` and
-            ``opt.hvp_timings`` report the choice).
+            ``opt.hvp_timings`` report the choice; with a ``torch.compile``d model it
+            falls back to "reverse-eager"/"forward-eager" and warns), "reverse-eager" |
+            "forward-eager" (exact engines for compiled models: the HVP step runs the
+            compiled code eagerly; see ``marthe_ext.compiled``).
         hypergrad: how ``<grad E, Zw>`` is computed in validation mode, "grad" | "jvp" | "fd".
         backend: "auto" | "torch" | "triton" | "cuda" | "cpu" (or $MARTHE_BACKEND).
         max_lr_change: safeguard (a), rho > 1: eta moves by at most a factor rho per step.
@@ -98,7 +101,7 @@ class Marthe(torch.optim.Optimizer):
             ``max_lr_growth=1.1``, ``hyper_lr_rprop=(0.5, 1.2)`` unless given (the safeguard
             study's recommendation). None with no safeguard option is the faithful algorithm
             of SPEC section 2.
-            See ``marthe_ext.safeguards`` for the maths of each.
+            See ``marthe_ext.controller`` for the maths of each.
         model: the ``nn.Module`` whose parameters are optimized. Needed by ``hvp="forward"``
             and ``hypergrad="jvp"`` (they place dual parameters in it) and used by
             ``hvp="fd"`` to restore module buffers after its probe evaluation.
