@@ -80,6 +80,9 @@ def normalized(x: Tensor, sq_avg: Tensor, count: Tensor, decay: float, ok: Tenso
     """(b): update the running mean of x^2 (in place, where ok) and return x / RMS (0 when RMS = 0)."""
     new_sq = decay * sq_avg + (1 - decay) * x * x
     new_count = count + 1
+    # An x so large that x^2 overflows would make the RMS infinite for good (and every later
+    # normalised step 0: a frozen LR); it is left out of the statistics instead.
+    ok = ok & torch.isfinite(new_sq)
     sq_avg.copy_(torch.where(ok, new_sq, sq_avg))
     count.copy_(torch.where(ok, new_count, count))
     v_hat = new_sq / (1 - decay ** new_count)
@@ -132,6 +135,32 @@ def auto_mu(mu: Tensor, counter: Tensor, eta: Tensor, dot: Tensor) -> tuple[Tens
     return torch.pow(z, exponent), c_new
 
 
+# The scalars one LR update reads and writes (the compiled update takes exactly these).
+LR_UPDATE_KEYS = ("eta", "beta", "last_hypergrad", "h_sq_avg", "h_count", "h_trend")
+
+
+def lr_update_(cfg: MartheConfig, s: dict[str, Tensor], h: Tensor, ok: Tensor) -> None:
+    """One LR update from the hypergradient h, in place on the scalars ``s``: (d) adapts beta
+    first, then the paper's update or (a)/(a')/(b), then alpha's beta adaptation; nothing
+    changes where not ok. Pure tensor code with host constants from ``cfg`` (compilable)."""
+    beta = s["beta"]
+    if cfg.hyper_lr_rprop is not None:
+        beta = adapted_hyper_lr(
+            beta, h, s["h_trend"], shrink=cfg.hyper_lr_rprop[0], grow=cfg.hyper_lr_rprop[1],
+            low=cfg.hyper_lr_bounds[0], high=cfg.hyper_lr_bounds[1], ok=ok)
+        s["beta"].copy_(torch.where(ok, beta, s["beta"]))
+    s["last_hypergrad"].copy_(h)
+    eta_new = next_lr(
+        s["eta"], beta, h, norm=cfg.hypergrad_norm, sq_avg=s["h_sq_avg"], count=s["h_count"],
+        decay=cfg.hypergrad_norm_decay, rho=cfg.max_lr_change, ok=ok, rho_up=cfg.max_lr_growth)
+    # A finite h can still overflow eta or beta (e.g. alpha's beta after a huge h, then
+    # inf * 0 = NaN): a non-finite result is not applied, the value stays.
+    if cfg.hyper_lr_adapt:
+        beta_new = torch.clamp(s["beta"] + cfg.hyper_lr_adapt * h * eta_new, min=0.0)
+        s["beta"].copy_(torch.where(ok & torch.isfinite(beta_new), beta_new, s["beta"]))
+    s["eta"].copy_(torch.where(ok & torch.isfinite(eta_new), eta_new, s["eta"]))
+
+
 class HyperController:
     """Owns eta, beta, mu and their statistics; applies the rules above, masked by ``ok``."""
 
@@ -151,6 +180,11 @@ class HyperController:
             "h_count": torch.zeros((), **f64),
             "h_trend": torch.zeros((), **f64),
         }
+        self._compiled_lr_update = None
+        if config.compile_lr_update:
+            from .fused_lr import compiled_lr_update
+
+            self._compiled_lr_update = compiled_lr_update(config)
 
     # ------------------------------------------------------------------ reads
     @property
@@ -176,23 +210,12 @@ class HyperController:
         self.scalars["skipped"].add_((~ok).to(torch.int64))
 
     def update_lr(self, h: Tensor, ok: Tensor) -> None:
-        """One LR update from the hypergradient h: (d) adapts beta first, then the paper's
-        update or (a)/(a')/(b), then alpha's beta adaptation; nothing changes where not ok."""
-        cfg, s = self.config, self.scalars
-        beta = s["beta"]
-        if cfg.hyper_lr_rprop is not None:
-            beta = adapted_hyper_lr(
-                beta, h, s["h_trend"], shrink=cfg.hyper_lr_rprop[0], grow=cfg.hyper_lr_rprop[1],
-                low=cfg.hyper_lr_bounds[0], high=cfg.hyper_lr_bounds[1], ok=ok)
-            s["beta"].copy_(torch.where(ok, beta, s["beta"]))
-        s["last_hypergrad"].copy_(h)
-        eta_new = next_lr(
-            s["eta"], beta, h, norm=cfg.hypergrad_norm, sq_avg=s["h_sq_avg"], count=s["h_count"],
-            decay=cfg.hypergrad_norm_decay, rho=cfg.max_lr_change, ok=ok, rho_up=cfg.max_lr_growth)
-        if cfg.hyper_lr_adapt:
-            beta_new = torch.clamp(s["beta"] + cfg.hyper_lr_adapt * h * eta_new, min=0.0)
-            s["beta"].copy_(torch.where(ok, beta_new, s["beta"]))
-        s["eta"].copy_(torch.where(ok, eta_new, s["eta"]))
+        """One LR update from the hypergradient h (``lr_update_``); with
+        ``compile_lr_update=True`` the same function compiled into one kernel (``fused_lr.py``)."""
+        if self._compiled_lr_update is not None:
+            self._compiled_lr_update(self.scalars, h, ok)
+        else:
+            lr_update_(self.config, self.scalars, h, ok)
 
     def update_mu(self, dot: Tensor, ok: Tensor) -> None:
         """mu="auto": the authors' rule from ``dot = <grad E, g_c>`` (after the LR update)."""

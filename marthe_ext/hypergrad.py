@@ -7,7 +7,10 @@
   "grad" whenever no component of grad E exceeds the clip. Needs ``Marthe(model=...)``.
 * "fd": the central difference ``(E(w + r Zw) - E(w - r Zw)) / 2r`` under no_grad,
   two forward passes, TF32 off during them; approximate: ``opt.last_hypergrad_error``
-  reports the rounding-error bound of each estimate. Weights are restored bit-exactly.
+  reports the rounding-error bound of each estimate. Weights are restored bit-exactly. The
+  second pass draws the first one's dropout masks and leaves no trace in module buffers or
+  the random generators, so the closure counts once, as in the other modes (the buffers
+  then hold what a pass at ``w + r Zw`` left, within O(r) of a pass at ``w``).
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .hvp import _fd_step, call_closure, exact_float32, swapped_parameters
+from .hvp import (
+    RngReplay, _fd_step, call_closure, exact_float32, restored_buffers, swapped_parameters,
+)
 
 HYPERGRAD_MODES = ("grad", "jvp", "fd")
 
@@ -40,14 +45,17 @@ def jvp_hypergrad(val_closure, params: Sequence[Tensor], tangents: Sequence[Tens
     return tangent.to(torch.float64)
 
 
-def fd_hypergrad(val_closure, params: Sequence[Tensor], tangents: Sequence[Tensor]):
+def fd_hypergrad(val_closure, params: Sequence[Tensor], tangents: Sequence[Tensor],
+                 model: Optional[torch.nn.Module] = None):
     """Returns (h, err): err bounds the rounding error of the difference,
     ``eps (|E+| + |E-|) / 2r`` with eps the loss dtype's machine epsilon (the truncation
-    error is O(r^2) and far smaller at the chosen r)."""
+    error is O(r^2) and far smaller at the chosen r). ``model``: whose buffers the second
+    pass must not move (None: those of every module it runs)."""
     w = [p.detach() for p in params]
     saved = [x.clone() for x in w]
     r = _fd_step(w, tangents)
     step = torch._foreach_mul(list(tangents), r)
+    rng = RngReplay([p.device for p in params])
     try:
         with torch.no_grad(), exact_float32():
             torch._foreach_add_(w, step)
@@ -56,7 +64,8 @@ def fd_hypergrad(val_closure, params: Sequence[Tensor], tangents: Sequence[Tenso
             e_plus = e_plus.double()
             torch._foreach_copy_(w, saved)
             torch._foreach_sub_(w, step)
-            e_minus = call_closure(val_closure, "val_closure").double()
+            with rng.replay(), restored_buffers(model):
+                e_minus = call_closure(val_closure, "val_closure").double()
     finally:
         with torch.no_grad():
             torch._foreach_copy_(w, saved)

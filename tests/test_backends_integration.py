@@ -6,25 +6,13 @@ Backends that cannot run here are skipped with their reason, except those listed
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 from torch import nn
 
 import marthe_ext
-from marthe_ext.backends import BackendUnavailable, load_backend
-
-REQUIRED = {b for b in os.environ.get("MARTHE_REQUIRE_BACKENDS", "").split(",") if b}
-
-
-def backend_or_skip(name):
-    try:
-        load_backend(name)
-    except BackendUnavailable as exc:
-        if name in REQUIRED:
-            raise
-        pytest.skip(str(exc))
+from required_backends import backend_or_skip
 
 
 CONFIGS = {

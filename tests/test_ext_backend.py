@@ -257,9 +257,36 @@ def test_cpu_update_bumps_version_counters(ext):
     assert [bufs.grads[0]._version, bufs.hvps[0]._version] == inputs
 
 
-def test_cpu_update_empty_group_is_a_no_op(ext):
-    ext.fused_update_(GroupOptions("adam"), GroupBuffers([], [], None, [], ([], []), ([], [])),
-                      coeffs_for(GroupOptions("adam"), 1, 0.9))
+def test_cpu_update_empty_group_is_a_no_op(ext, monkeypatch):
+    """A group none of whose parameters got a gradient returns before the compiled code (the
+    CUDA path would read params[0] for its stream), changes nothing, and leaves the next
+    update of another group as the reference computes it."""
+    calls = []
+    compiled = ext._C
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(compiled, name)
+
+        def fused_update(self, *args):
+            calls.append(args[0])
+            return compiled.fused_update(*args)
+
+    monkeypatch.setattr(ext, "_C", Spy())
+    opts = GroupOptions("adam")
+    coeffs = coeffs_for(opts, 1, 0.9)
+    saved = coeffs.clone()
+    bufs = make_buffers("adam", [(5,), (3, 2)], torch.float32)
+    bufs.grads, bufs.hvps = make_inputs([(5,), (3, 2)], torch.float32, 1, True)
+    alone = clone_buffers(bufs)
+    alone.grads, alone.hvps = bufs.grads, bufs.hvps
+
+    assert ext.fused_update_(opts, GroupBuffers([], [], None, [], ([], []), ([], [])), coeffs) is None
+    assert calls == [] and torch.equal(coeffs, saved)
+    ext.fused_update_(opts, bufs, coeffs)
+    assert calls == ["adam"]
+    REF.fused_update_(opts, alone, saved)
+    compare_buffers(bufs, alone, TOL[torch.float32], "after an empty group")
 
 
 def _dot_inputs(a_dtype, b_dtype, sizes, with_extra):

@@ -16,23 +16,18 @@ import torch
 from torch.func import grad, jvp
 
 import marthe_ext
-from marthe_ext.backends import BackendUnavailable, load_backend
 from marthe_ext.backends.api import STATE_NAMES, GroupBuffers, GroupOptions, make_coeffs
 from phi_reference import STATE_LEN, flat_mlp, phi
+from required_backends import backend_or_skip
 
 F64 = torch.float64
 CASES = [("sgd", False), ("sgdm", False), ("sgdm", True), ("adam", False), ("adamw", False)]
 CASE_IDS = ["sgd", "sgdm", "nesterov", "adam", "adamw"]
 
 
-def _f64_backends():
-    names = ["torch"]
-    try:
-        load_backend("cpu")
-        names.append("cpu")
-    except (BackendUnavailable, ValueError):
-        pass
-    return names
+# Backends that run float64 here. Every one is always parametrised: one that cannot load is
+# skipped with its reason, or fails when MARTHE_REQUIRE_BACKENDS lists it.
+F64_BACKENDS = ["torch", "cpu"]
 
 
 def rel_err(a, b):
@@ -67,12 +62,13 @@ def _problem(kind, n_hint=40):
     return n, grad_fn, (lambda w, z: jvp(grad_fn, (w,), (z,))[1])
 
 
-@pytest.mark.parametrize("backend_name", _f64_backends())
+@pytest.mark.parametrize("backend_name", F64_BACKENDS)
 @pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
 @pytest.mark.parametrize("mu", [0.0, 0.6, 1.0])
 @pytest.mark.parametrize("problem", ["quadratic", "mlp"])
 @pytest.mark.parametrize("dyn,nesterov", CASES, ids=CASE_IDS)
 def test_fused_tangent_equals_jvp_of_phi(dyn, nesterov, problem, mu, clip, backend_name):
+    backend = backend_or_skip(backend_name)
     n, grad_fn, hvp_fn = _problem(problem)
     eta, s, wd, k = 0.1, 0.7, 0.05, 3
     w = torch.randn(n, dtype=F64)
@@ -108,7 +104,7 @@ def test_fused_tangent_equals_jvp_of_phi(dyn, nesterov, problem, mu, clip, backe
     f64 = dict(dtype=F64)
     coeffs = make_coeffs(eta=torch.tensor(eta, **f64), mu=torch.tensor(mu, **f64), lr_scale=s,
                          step=torch.tensor(float(k), **f64), opts=opts, ok=torch.tensor(True))
-    load_backend(backend_name).fused_update_(opts, bufs, coeffs)
+    backend.fused_update_(opts, bufs, coeffs)
 
     assert rel_err(_cat(bufs.params), new[0]) < 1e-12
     for got, want in zip(bufs.state, new[1:]):

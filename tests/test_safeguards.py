@@ -15,9 +15,12 @@ FAITHFUL = dict(safeguards=None, max_lr_change=None, max_lr_growth=None, hypergr
                 max_tangent_ratio=None, hyper_lr_rprop=None)
 
 
-def run(steps=25, state_dict=None, **kwargs):
+def run(steps=25, state_dict=None, warm_steps=0, **kwargs):
     """A noisy quadratic where a small LR makes h < 0 every step: a large beta sends the
-    faithful algorithm's LR far past the stability limit 2 / lambda_max."""
+    faithful algorithm's LR far past the stability limit 2 / lambda_max.
+
+    ``warm_steps``: steps taken before loading ``state_dict``, so that the checkpoint is
+    loaded into an optimizer whose own hyper-state is no longer the start state."""
     torch.manual_seed(0)
     n = 20
     q = torch.randn(n, n, dtype=F64)
@@ -26,6 +29,8 @@ def run(steps=25, state_dict=None, **kwargs):
     opts = dict(lr=1e-3, dynamics="sgdm", mu=0.99, hyper_lr=1.0, safeguards=None)
     opts.update(kwargs)
     opt = marthe_ext.Marthe([w], **opts)
+    for _ in range(warm_steps):
+        opt.step(lambda: 0.5 * w @ hess @ w)
     start = 0
     if state_dict is not None:  # resume: weights and optimizer from a checkpoint of this run
         w.data.copy_(state_dict["w"])
@@ -92,12 +97,43 @@ def test_tangent_norm_cap_holds_every_step():
     assert capped > 0, "the cap must have been active on this problem"
 
 
-def test_safeguards_off_is_bit_identical_to_the_faithful_algorithm():
-    explicit, _ = run(**FAITHFUL)
-    default, _ = run()
-    for a, b in zip(explicit, default):
-        assert a["eta"] == b["eta"]
+def faithful_lr_replay(trace, eta0, beta):
+    """SPEC section 2 on the host, from the recorded h: eta_t = max(eta_{t-1} - beta h_t, 0)
+    (train mode: opt.lr after step t is the eta step t used); a skipped step keeps eta."""
+    eta, skipped, out = eta0, 0, []
+    for t in trace:
+        if t["skipped"] == skipped:
+            eta = max(eta - beta * t["h"], 0.0)
+        skipped = t["skipped"]
+        out.append(eta)
+    return out
+
+
+def same_lrs(got, want):
+    return len(got) == len(want) and all(a == pytest.approx(b, rel=1e-15, abs=0) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("opts", [
+    dict(lr=0.5, hyper_lr=3e-3),  # h of both signs, eta clamped at 0 several times
+    dict(),                       # the runaway: eta grows by ~1e180, then skipped steps
+], ids=["both-signs-and-clamp", "runaway-and-skips"])
+def test_safeguards_off_is_bit_identical_to_the_faithful_algorithm(opts):
+    explicit, _ = run(**FAITHFUL, **opts)
+    etas = [t["eta"] for t in explicit]
+    replay = faithful_lr_replay(explicit, opts.get("lr", 1e-3), opts.get("hyper_lr", 1.0))
+    assert same_lrs(etas, replay), list(zip(etas, replay))
+    assert len(set(etas)) > 5, "the LR must move"
+    if opts:
+        assert 0.0 in etas and any(t["h"] < 0 for t in explicit) and explicit[-1]["skipped"] == 0
+    else:
+        assert explicit[-1]["skipped"] > 0
+    # safeguards=None alone switches every safeguard off: the same run, bit for bit ...
+    for a, b in zip(explicit, run(**opts)[0]):
+        assert a["eta"] == b["eta"] and a["h"] == b["h"]
         assert torch.equal(a["w"], b["w"]) and torch.equal(a["zw"], b["zw"])
+    # ... while the default preset is another update, which this replay tells apart.
+    robust, _ = run(**dict(opts, hyper_lr=1e-3, safeguards="robust"))
+    assert not same_lrs([t["eta"] for t in robust], faithful_lr_replay(robust, opts.get("lr", 1e-3), 1e-3))
 
 
 def test_safeguard_arguments_are_validated():
@@ -158,14 +194,46 @@ def test_meta_step_state_resumes_bit_for_bit_from_a_checkpoint():
         assert torch.equal(a["w"], b["w"]) and torch.equal(a["zw"], b["zw"])
 
 
+def robust_replay(meta, hs, trend, decay=0.99, low=1e-6, high=0.1, shrink=0.5, grow=1.2, rho_up=1.1):
+    """(d) then (b) "rms-log" then (a') on the host, from a checkpoint's hyper-state and the
+    recorded h, with the trend starting at ``trend``: the (eta, beta) after each step."""
+    eta, beta = float(meta["eta"]), float(meta["beta"])
+    sq, n = float(meta["h_sq_avg"]), float(meta["h_count"])
+    out = []
+    for h in hs:
+        agree = h * trend
+        if beta > 0:
+            beta = min(max(beta * (grow if agree > 0 else shrink if agree < 0 else 1.0), low), high)
+        trend = 0.9 * trend + 0.1 * h
+        x = eta * h
+        sq, n = decay * sq + (1 - decay) * x * x, n + 1
+        v_hat = sq / (1 - decay ** n)
+        x_hat = x / math.sqrt(v_hat) if v_hat > 0 else 0.0
+        eta = min(eta * math.exp(-beta * x_hat), rho_up * eta)
+        out.append((eta, beta))
+    return out
+
+
 def test_checkpoint_without_the_trend_entry_loads_with_a_zero_trend():
-    """State dicts written before safeguard (d) existed lack 'h_trend': they still load."""
+    """State dicts written before safeguard (d) existed lack 'h_trend': the trend restarts at
+    0, also in an optimizer that has already stepped (its own trend is not kept)."""
     whole, _ = run(steps=4, hyper_lr=1e-3, **RPROP)
     sd = whole[-1]["checkpoint"]
-    old = dict(sd, opt=dict(sd["opt"], marthe={k: v for k, v in sd["opt"]["marthe"].items() if k != "h_trend"}))
-    assert float(sd["opt"]["marthe"]["h_trend"]) != 0
-    resumed, _ = run(steps=2, hyper_lr=1e-3, state_dict=old, **RPROP)
-    assert math.isfinite(resumed[-1]["eta"])
+    meta = sd["opt"]["marthe"]
+    old = dict(sd, opt=dict(sd["opt"], marthe={k: v for k, v in meta.items() if k != "h_trend"}))
+    assert float(meta["h_trend"]) != 0
+    resumed, _ = run(steps=10, hyper_lr=1e-3, state_dict=old, warm_steps=3, **RPROP)
+    kept, _ = run(steps=10, hyper_lr=1e-3, state_dict=sd, warm_steps=3, **RPROP)
+
+    def close(trace, replay):
+        return all(t["eta"] == pytest.approx(eta, rel=1e-12) and t["beta"] == pytest.approx(beta, rel=1e-15)
+                   for t, (eta, beta) in zip(trace, replay))
+
+    assert all(t["skipped"] == 0 for t in resumed + kept)
+    assert close(resumed, robust_replay(meta, [t["h"] for t in resumed], trend=0.0))
+    # The replay tells the two apart: with the saved trend the first factor is 1.2 or 0.5, not 1.
+    assert close(kept, robust_replay(meta, [t["h"] for t in kept], trend=float(meta["h_trend"])))
+    assert resumed[0]["beta"] == float(meta["beta"]) != kept[0]["beta"]
 
 
 def test_meta_step_arguments_are_validated():

@@ -306,10 +306,20 @@ def test_all_finite_empty():
     assert tb.all_finite([[torch.zeros(0, device=DEVICE)]]).item() is True
 
 
-def test_empty_group_is_a_no_op():
+def test_empty_group_is_a_no_op(launches):
+    """A group none of whose parameters got a gradient: its lists are still checked, then
+    nothing happens (no launch, no pointer table, the coefficients untouched)."""
     opts = _opts("adam")
-    TritonBackend().fused_update_(opts, GroupBuffers([], [], None, [], ([], []), ([], [])),
-                                  _coeffs(opts, eta=0.1, mu=0.9, step=1))
+    tb = TritonBackend()
+    coeffs = _coeffs(opts, eta=0.1, mu=0.9, step=1)
+    saved = coeffs.clone()
+    assert tb.fused_update_(opts, GroupBuffers([], [], None, [], ([], []), ([], [])), coeffs) is None
+    assert launches == [] and tb.tables_built == 0 and torch.equal(coeffs, saved)
+    with pytest.raises(ValueError, match="grads has 1 tensors, params has 0"):
+        tb.fused_update_(opts, GroupBuffers([], [torch.zeros(2, device=DEVICE)], None, [], ([], []), ([], [])),
+                         coeffs)
+    with pytest.raises(ValueError, match="state list"):
+        tb.fused_update_(opts, GroupBuffers([], [], None, [], ([],), ([],)), coeffs)
 
 
 @pytest.fixture

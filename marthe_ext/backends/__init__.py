@@ -3,6 +3,10 @@
 Order: the explicit ``backend=`` argument, then the ``MARTHE_BACKEND`` environment
 variable, then "auto". An explicit request that cannot be met raises with the stored
 reason; "auto" falls back to the torch reference and says so once.
+
+Every call returns a new backend instance, so per-optimizer state (the Triton backend's
+pointer-table cache) is per optimizer; what is costly and shared (module imports, the
+compiled extension, Triton's kernel cache) is cached by the layers below.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .. import _ext
 from .api import Backend
 from .torch_ref import TorchBackend
 
@@ -53,9 +58,14 @@ _DEVICES = {
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
-@functools.lru_cache(maxsize=None)
+# What "cannot run here" raises: a missing or broken install (ImportError, OSError from a
+# shared library) or the extension loader's verdict (no build, failed build, stale build).
+# Anything else is a bug and propagates, under "auto" too.
+_UNAVAILABLE = (ImportError, OSError, _ext.ExtensionUnavailable)
+
+
 def load_backend(name: str, allow_jit: bool = True) -> Backend:
-    """Instantiate a named backend, raising BackendUnavailable with the reason.
+    """A new instance of a named backend, or BackendUnavailable with the reason.
 
     ``allow_jit``: the compiled backends may build themselves with ninja on first use
     (explicit requests); "auto" passes False and takes only an installed build.
@@ -64,9 +74,7 @@ def load_backend(name: str, allow_jit: bool = True) -> Backend:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     try:
         return _LOADERS[name](allow_jit)
-    except BackendUnavailable:
-        raise
-    except Exception as exc:  # import or build failure: keep the reason for the user
+    except _UNAVAILABLE as exc:  # keep the reason for the user
         raise BackendUnavailable(
             f"backend {name!r} is unavailable: {type(exc).__name__}: {exc}. "
             f"Use backend='torch' (always available) or 'auto'."
@@ -87,7 +95,9 @@ def _warn_fallback_once(device_type: str, reasons: str) -> None:
 
 
 def select_backend(requested: str, device: torch.device) -> Backend:
-    """Resolve ``requested`` (argument, else $MARTHE_BACKEND, else auto) for ``device``."""
+    """Resolve ``requested`` (argument, else $MARTHE_BACKEND, else auto) for ``device``.
+
+    Returns a new instance: call it once per optimizer and keep the result."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "auto":

@@ -13,6 +13,7 @@ float32 or float64 (the compute dtype, as in the torch reference).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -68,7 +69,8 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self, config: Optional[LaunchConfig] = None):
-        """``config`` overrides the per-device default (tests, benchmarks)."""
+        """``config`` overrides the per-device default (tests, benchmarks). Each instance
+        has its own table cache: select_backend gives every optimizer its own instance."""
         self.config = config
         self._tables = TableCache()
 
@@ -170,6 +172,11 @@ class TritonBackend:
                     coeffs, hyper)
             self._launch(_adam_update_kernel, layout, args, None, cfg,
                          DECOUPLED=d == "adamw", **meta)
+        # The kernels write through raw pointers, unseen by autograd: bump the version
+        # counters as an in-place torch op would, so that a backward through a graph that
+        # saved one of these tensors raises instead of silently using the new values.
+        torch.autograd.graph.increment_version(list(itertools.chain.from_iterable(
+            lst for name, lst in lists.items() if name not in ("grads", "hvps"))))
 
     def clipped_dot(
         self,

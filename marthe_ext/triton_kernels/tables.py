@@ -10,6 +10,7 @@ whenever its key matches. Tensors are never copied.
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Sequence
@@ -60,27 +61,35 @@ def check_contiguous(tensors: Sequence[Tensor], what: str) -> None:
 
 
 class TableCache:
-    """Least-recently-used caches of rows, layouts and constant tensors, bounded in entries."""
+    """Least-recently-used caches of rows, layouts and constant tensors, bounded in entries.
+
+    Safe to share between threads: lookups and insertions hold a lock (another thread could
+    otherwise evict a key between its lookup and its move to the recent end). Tables are
+    built outside the lock; two threads missing the same key both build it, harmlessly.
+    """
 
     def __init__(self, capacity: int = 64):
         self.capacity = capacity
         self.builds = 0  # tables built so far (cache misses); tests and benchmarks read it
+        self._lock = threading.Lock()
         self._rows: OrderedDict[Hashable, Row] = OrderedDict()
         self._layouts: OrderedDict[Hashable, Layout] = OrderedDict()
         self._consts: OrderedDict[Hashable, Tensor] = OrderedDict()
 
     def _get(self, cache: OrderedDict, key: Hashable):
-        hit = cache.get(key)
-        if hit is not None:
-            cache.move_to_end(key)
-        return hit
+        with self._lock:
+            hit = cache.get(key)
+            if hit is not None:
+                cache.move_to_end(key)
+            return hit
 
     def _put(self, cache: OrderedDict, key: Hashable, value):
-        self.builds += 1
-        cache[key] = value
-        if len(cache) > self.capacity:
-            cache.popitem(last=False)
-        return value
+        with self._lock:
+            self.builds += 1
+            cache[key] = value
+            if len(cache) > self.capacity:
+                cache.popitem(last=False)
+            return value
 
     def row(self, tensors: Sequence[Tensor], device: torch.device, what: str,
             fresh: bool = False) -> Row:
