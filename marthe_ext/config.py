@@ -46,6 +46,28 @@ def _pair(name: str, value: Any, what: str) -> tuple:
     return tuple(value)
 
 
+def check_every(name: str, value: Any) -> int:
+    """A period k >= 1 (an int, not a bool), else a clear error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1 (1: every step, the exact algorithm), got {value}")
+    return int(value)
+
+
+def _check_modes(first_order: Any, hvp_every: Any, hypergrad_every: Any, mu: Any) -> tuple[bool, int, int]:
+    if not isinstance(first_order, bool):
+        raise TypeError(f"first_order must be a bool, got {first_order!r}")
+    hvp_every = check_every("hvp_every", hvp_every)
+    hypergrad_every = check_every("hypergrad_every", hypergrad_every)
+    if hvp_every > 1 and first_order:
+        raise ValueError("hvp_every > 1 and first_order=True contradict each other: first_order "
+                         "takes no HVP at all")
+    if hvp_every > 1 and mu == 0:
+        raise ValueError("hvp_every > 1 has no effect with mu=0 (HD takes no HVP): leave it at 1")
+    return first_order, hvp_every, hypergrad_every
+
+
 @dataclass(frozen=True)
 class MartheConfig:
     """The options of one ``Marthe`` optimizer (see its docstring for their meaning)."""
@@ -73,6 +95,11 @@ class MartheConfig:
     hyper_lr_rprop: Optional[tuple[float, float]]
     hyper_lr_bounds: tuple[float, float]
     safeguards: Optional[str]
+    # The cheaper modes (README "Cheaper steps"): each drops part of the exact step on purpose.
+    first_order: bool = False  # A_t with H_t = 0: no HVP at all
+    hvp_every: int = 1  # the HVP only on steps t = 0 mod k, H_t = 0 on the others
+    hypergrad_every: int = 1  # the hypergradient and LR update only on steps t = 0 mod k
+    compile_lr_update: bool = False  # the LR update as one torch.compile'd function (fused_lr.py)
 
     @property
     def mu_auto(self) -> bool:
@@ -94,7 +121,8 @@ class MartheConfig:
         cls, *, lr, dynamics, momentum, nesterov, betas, eps, weight_decay, mu, hyper_lr,
         hyper_lr_adapt, grad_clip, hvp, hypergrad, backend, max_lr_change, max_lr_growth,
         hypergrad_norm, hypergrad_norm_decay, max_tangent_ratio, hyper_lr_rprop,
-        hyper_lr_bounds, safeguards, has_model: bool,
+        hyper_lr_bounds, safeguards, has_model: bool, first_order=False, hvp_every=1,
+        hypergrad_every=1, compile_lr_update=False,
     ) -> "MartheConfig":
         if safeguards is not None and safeguards not in _safeguards.PRESETS:
             raise ValueError(f"safeguards must be None or one of {tuple(_safeguards.PRESETS)}, "
@@ -137,7 +165,7 @@ class MartheConfig:
         check_choice("hvp", hvp, HVP_ENGINES)
         check_choice("hypergrad", hypergrad, HYPERGRAD_MODES)
         check_choice("backend", backend, BACKENDS)
-        if not has_model and (hvp == "forward" or hypergrad == "jvp"):
+        if not has_model and (hvp in ("forward", "forward-eager") or hypergrad == "jvp"):
             raise ValueError(
                 f"hvp={hvp!r}, hypergrad={hypergrad!r} need the model: pass model=my_module")
         if mu == "auto" and hypergrad != "grad":
@@ -176,6 +204,10 @@ class MartheConfig:
                                  f"hyper_lr_bounds [{low}, {high}] when hyper_lr_rprop is set")
             hyper_lr_rprop = (shrink, grow)
 
+        first_order, hvp_every, hypergrad_every = _check_modes(first_order, hvp_every, hypergrad_every, mu)
+        if not isinstance(compile_lr_update, bool):
+            raise TypeError(f"compile_lr_update must be a bool, got {compile_lr_update!r}")
+
         return cls(
             lr=lr, dynamics=dynamics, momentum=momentum, nesterov=nesterov, beta1=beta1,
             beta2=beta2, eps=eps, weight_decay=weight_decay, mu=mu, hyper_lr=hyper_lr,
@@ -183,5 +215,6 @@ class MartheConfig:
             backend=backend, max_lr_change=max_lr_change, max_lr_growth=max_lr_growth,
             hypergrad_norm=hypergrad_norm, hypergrad_norm_decay=hypergrad_norm_decay,
             max_tangent_ratio=max_tangent_ratio, hyper_lr_rprop=hyper_lr_rprop,
-            hyper_lr_bounds=(low, high), safeguards=safeguards,
+            hyper_lr_bounds=(low, high), safeguards=safeguards, first_order=first_order,
+            hvp_every=hvp_every, hypergrad_every=hypergrad_every, compile_lr_update=compile_lr_update,
         )

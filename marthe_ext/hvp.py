@@ -10,8 +10,13 @@ the gradient ``g = grad L(w)`` and ``H Zw`` for the optimizer's parameters:
   once, so BatchNorm statistics and dropout masks are those of a plain training step.
   Needs the ``nn.Module`` (``Marthe(model=...)``) to put the dual parameters in it.
 * "fd": ``(grad L(w + r Zw) - grad L(w)) / r``, two plain backward passes, least memory,
-  approximate (truncation and rounding error). The closure's RNG state is replayed so
-  dropout draws the same mask; weights and module buffers are restored bit-exactly.
+  approximate (truncation and rounding error). The probe draws the first evaluation's
+  dropout masks and leaves no trace: weights, module buffers (those of ``model``, or of
+  every module the probe runs) and the random generators are put back, so the step counts
+  once, as a plain training step.
+* "reverse-eager", "forward-eager": the exact engines with ``torch.compile``d code run
+  eagerly for the step that takes an HVP (torch cannot differentiate compiled code twice
+  or in forward mode; see compiled.py).
 
 Entries of ``grads`` are None for parameters the loss does not depend on; entries of
 ``hvps`` are None where the HVP is exactly zero. ``hvps`` itself is None when no HVP was
@@ -20,15 +25,18 @@ asked for.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from . import _profiling
+from . import compiled as _compiled
 
-HVP_ENGINES = ("auto", "reverse", "forward", "fd")
+HVP_ENGINES = ("auto", "reverse", "forward", "fd", "reverse-eager", "forward-eager")
 
 
 def call_closure(closure: Callable[[], Tensor], what: str = "closure") -> Tensor:
@@ -99,37 +107,142 @@ def preserved_buffers(model: torch.nn.Module):
             module._buffers[name] = buf
 
 
+# TF32 is a process-wide switch (torch keeps no per-thread setting). Overlapping blocks in
+# several threads share one "off" period: the first to enter saves the flags and switches TF32
+# off, the last to leave puts the saved flags back. Without the count, a thread leaving first
+# would switch TF32 back on under the others, and the last would leave it off for good.
+_tf32_lock = threading.Lock()
+_tf32_depth = 0
+_tf32_saved: tuple[bool, bool] = (False, False)
+
+
 @contextlib.contextmanager
 def exact_float32():
     """Switch TF32 off for matmuls and cuDNN convolutions (finite differences of float32
-    quantities are otherwise dominated by TF32's 10-bit mantissa rounding)."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    quantities are otherwise dominated by TF32's 10-bit mantissa rounding).
+
+    The flags are process-wide: they are put back when the last overlapping block (in any
+    thread) ends. A change another thread makes to them meanwhile is overwritten then."""
+    global _tf32_depth, _tf32_saved
+    with _tf32_lock:
+        if _tf32_depth == 0:
+            _tf32_saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        _tf32_depth += 1
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
-        torch.backends.cudnn.allow_tf32 = cudnn
+        with _tf32_lock:
+            _tf32_depth -= 1
+            if _tf32_depth == 0:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = _tf32_saved
+
+
+class RngReplay:
+    """The CPU generator and the CUDA generators of ``devices``, captured at construction, so
+    that a second evaluation of a closure draws the same dropout masks as the first.
+
+    ``replay()`` puts the generators back where they stood before it, so after any number of
+    replays they stand where one evaluation of the closure (the one outside the replays)
+    leaves them: the next step draws fresh randomness, whatever the replays drew.
+
+    torch's default generators are process-wide: draws made by other threads while a replay
+    runs are undone with it.
+    """
+
+    def __init__(self, devices: Sequence[torch.device]):
+        self._cuda_ids = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+        self._cpu_state = torch.get_rng_state()
+        self._cuda_states = [torch.cuda.get_rng_state(i) for i in self._cuda_ids]
+
+    def rewind(self) -> None:
+        """Set the generators to the captured state; nothing is undone later."""
+        torch.set_rng_state(self._cpu_state)
+        for i, s in zip(self._cuda_ids, self._cuda_states):
+            torch.cuda.set_rng_state(s, i)
+
+    @contextlib.contextmanager
+    def replay(self):
+        """Inside: the generators start from the captured state. On exit (also on an
+        error): they are back where they stood at entry."""
+        with torch.random.fork_rng(devices=self._cuda_ids, device_type="cuda"):
+            self.rewind()
+            yield
+
+
+class _BufferSnapshot:
+    """Copies of module buffers, taken before they can change, and their in-place restore."""
+
+    def __init__(self):
+        self._saved: dict[int, tuple[Tensor, Tensor]] = {}  # id(buffer) -> (buffer, copy)
+        # Held, not only their ids, so that no module made inside the block reuses an id.
+        self._modules: dict[int, torch.nn.Module] = {}
+
+    def add(self, module: torch.nn.Module) -> None:
+        """Save the buffers of ``module`` and its submodules not saved yet."""
+        for m in module.modules():
+            if id(m) in self._modules:
+                continue
+            self._modules[id(m)] = m
+            for b in m._buffers.values():
+                if b is not None and id(b) not in self._saved:
+                    self._saved[id(b)] = (b, b.detach().clone())
+
+    def restore(self) -> None:
+        # In place, so that whoever holds a buffer (the module, an optimizer, a user's
+        # reference) sees the restored values. Copying unchanged buffers back costs less
+        # than finding out which changed (a comparison would wait for the device).
+        with torch.no_grad():
+            for b, copy in self._saved.values():
+                b.copy_(copy)
 
 
 @contextlib.contextmanager
-def replayed_rng(devices: Sequence[torch.device]):
-    """Yield a function that rewinds the RNG to its state at entry (dropout masks repeat).
+def _buffer_snapshot(model: Optional[torch.nn.Module]):
+    """Yield a _BufferSnapshot of what the block may change; restore it on an error.
 
-    Nothing is restored on exit: after the last replay the generators stand where one
-    evaluation of the closure leaves them, so the next step draws fresh randomness.
+    With ``model``: its buffers, saved at entry. Without: the buffers of every module whose
+    forward runs inside the block in this thread (and of its submodules), each saved by a
+    global forward pre-hook just before the module's first call. Buffers a closure changes
+    without calling the module that holds them are not seen then: pass ``model``.
     """
-    cuda_ids = sorted({d.index or 0 for d in devices if d.type == "cuda"})
-    cpu_state = torch.get_rng_state()
-    cuda_states = [torch.cuda.get_rng_state(i) for i in cuda_ids]
+    snapshot = _BufferSnapshot()
+    handle = None
+    if model is not None:
+        snapshot.add(model)
+    else:
+        owner = threading.get_ident()
 
-    def rewind():
-        torch.set_rng_state(cpu_state)
-        for i, s in zip(cuda_ids, cuda_states):
-            torch.cuda.set_rng_state(s, i)
+        def save_before_forward(module, args):
+            if threading.get_ident() == owner:  # other threads' modules are theirs
+                snapshot.add(module)
 
-    yield rewind
+        handle = register_module_forward_pre_hook(save_before_forward)
+    try:
+        yield snapshot
+    except BaseException:
+        snapshot.restore()
+        raise
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def restored_buffers(model: Optional[torch.nn.Module]):
+    """On exit, put back every module buffer (BatchNorm running statistics) changed inside.
+
+    For evaluations that must not count as a training step: the "fd" probe, an HVP closure,
+    engine timing. With ``model``: its buffers. With None: those of every module that runs
+    inside the block in this thread (see _buffer_snapshot). Restored in place after the
+    block: a graph built inside that saved a buffer cannot be differentiated after it, so
+    finish the backward passes inside (for a loss that must stay differentiable, see
+    preserved_buffers).
+    """
+    with _buffer_snapshot(model) as snapshot:
+        yield
+        snapshot.restore()  # on an error, _buffer_snapshot restores
 
 
 def _grad(loss: Tensor, params: Sequence[Tensor], create_graph: bool = False) -> list[Optional[Tensor]]:
@@ -187,35 +300,29 @@ def _fd_step(params: Sequence[Tensor], tangents: Sequence[Tensor]) -> Tensor:
     return torch.where(z_norm > 0, r, torch.zeros_like(r))
 
 
-def module_buffers(model: Optional[torch.nn.Module]) -> list[Tensor]:
-    return [] if model is None else [b for b in model.buffers() if b is not None]
-
-
 def fd_engine(closure, params, tangents, need_hvp: bool, model=None):
     if not need_hvp:
         return reverse_engine(closure, params, tangents, False)
-    with replayed_rng([p.device for p in params]) as rewind, exact_float32():
+    rng = RngReplay([p.device for p in params])
+    with exact_float32():
         with _profiling.phase("gradient"), torch.enable_grad():
             loss = call_closure(closure)
             grads = _grad(loss, params)
         # The first evaluation is the training step: its buffer updates (BatchNorm running
-        # statistics) are kept; the probe's are undone.
-        buffers = module_buffers(model)
-        saved_buffers = [b.clone() for b in buffers]
+        # statistics) and random draws stand; the probe's are undone, and it draws the
+        # first evaluation's dropout masks.
         saved_params = [p.detach().clone() for p in params]
         r = _fd_step([p.detach() for p in params], tangents)
         with torch.no_grad():
             torch._foreach_add_([p.detach() for p in params], torch._foreach_mul(list(tangents), r))
-        rewind()
         try:
-            with _profiling.phase("hvp"), torch.enable_grad():
+            with rng.replay(), restored_buffers(model), _profiling.phase("hvp"), \
+                    torch.enable_grad():
                 grads_probe = _grad(call_closure(closure), params)
         finally:
             with torch.no_grad():
                 for p, s in zip(params, saved_params):
                     p.copy_(s)
-                for b, s in zip(buffers, saved_buffers):
-                    b.copy_(s)
     safe_r = torch.where(r > 0, r, torch.ones_like(r))
     hvps = []
     for g, gp in zip(grads, grads_probe):
@@ -226,47 +333,59 @@ def fd_engine(closure, params, tangents, need_hvp: bool, model=None):
     return loss.detach(), [None if g is None else g.detach() for g in grads], hvps
 
 
-ENGINES = {"reverse": reverse_engine, "forward": forward_engine, "fd": fd_engine}
+# The exact engines explain a failure on torch.compile'd code; their "-eager" variants
+# run compiled code eagerly for the HVP step (compiled.py).
+ENGINES = {"reverse": _compiled.explained("reverse", reverse_engine),
+           "forward": _compiled.explained("forward", forward_engine),
+           "fd": fd_engine,
+           "reverse-eager": _compiled.eager(reverse_engine),
+           "forward-eager": _compiled.eager(forward_engine)}
 EXACT_ENGINES = ("reverse", "forward")
 
 
 def time_engines(closure, params, tangents, model=None):
     """Run every exact engine that can work here once on this step's batch and time it.
 
-    The RNG is replayed for each run (same dropout mask) and module buffers are restored to
-    the state the first run left, so the step counts once. Returns (the first run's
-    result, the fastest engine's name, {name: seconds}, {name: reason it failed}).
+    The first engine that works is this step's evaluation: its buffer updates and random
+    draws stand. The others run with the same RNG state (same dropout mask) and leave no
+    trace (module buffers and generators are put back), so the step counts once. A failed
+    attempt leaves no trace either. Returns (the first working engine's result, the fastest
+    engine's name, {name: seconds}, {name: reason it failed}).
     """
     import time
 
     names = [n for n in EXACT_ENGINES if n != "forward" or model is not None]
     devices = [p.device for p in params]
     on_cuda = any(d.type == "cuda" for d in devices)
-    buffers = module_buffers(model)
-    before = [b.clone() for b in buffers]
-    result, after, timings, failures = None, None, {}, {}
-    with replayed_rng(devices) as rewind:
-        for name in names:
-            rewind()
-            with torch.no_grad():
-                for b, s in zip(buffers, before):
-                    b.copy_(s)
+    rng = RngReplay(devices)
+    result, timings, failures = None, {}, {}
+    for name in names:
+        counted = result is None
+        with contextlib.ExitStack() as scope:
+            if counted:
+                rng.rewind()  # after a failed attempt: draw what it would have drawn
+            else:
+                scope.enter_context(rng.replay())
+            snapshot = scope.enter_context(_buffer_snapshot(model))
             if on_cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             try:
                 out = ENGINES[name](closure, params, tangents, True, model)
             except (RuntimeError, NotImplementedError) as exc:
+                snapshot.restore()
                 failures[name] = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, _compiled.CompiledModelError):  # timed next, in this loop
+                    names.append(_compiled.EAGER_VARIANT[name])
                 continue
             if on_cuda:
                 torch.cuda.synchronize()
             timings[name] = time.perf_counter() - start
-            if result is None:
-                result, after = out, [b.clone() for b in buffers]
+            if counted:
+                result = out
+            else:
+                snapshot.restore()
     if result is None:
+        rng.rewind()
         raise RuntimeError(f"no HVP engine works for this model: {failures}")
-    with torch.no_grad():
-        for b, s in zip(buffers, after):
-            b.copy_(s)
     return result, min(timings, key=timings.get), timings, failures

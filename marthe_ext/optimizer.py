@@ -36,11 +36,14 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from .amp import LossScaleOption, LossScaler
 from .backends.api import STATE_NAMES
 from .config import MartheConfig, check_number
 from .controller import HyperController
+from .distributed import check_not_sharded, check_process_group
 from .hvp import check_model_holds
 from .protocol import StepProtocol, state_dtype
+from .training_loop import GroupStepSizes
 
 _GROUP_KEYS = {"params", "lr_scale", "weight_decay", "name"}
 
@@ -105,11 +108,34 @@ class Marthe(torch.optim.Optimizer):
         model: the ``nn.Module`` whose parameters are optimized. Needed by ``hvp="forward"``
             and ``hypergrad="jvp"`` (they place dual parameters in it) and used by
             ``hvp="fd"`` to restore module buffers after its probe evaluation.
+        process_group: data parallelism (``marthe_ext.distributed``). None (the default):
+            when ``torch.distributed`` is initialised with a world size above 1, average the
+            gradient, HVP, validation hypergradient and loss over the default group, so
+            every rank takes the step one process would take on the global batch; a
+            ``ProcessGroup``: average over it; ``False``: no syncing (independent replicas).
+        loss_scale: dynamic loss scaling for float16 autocast in the closures (``marthe_ext.amp``):
+            None (the default), "dynamic" (GradScaler's defaults) or a
+            ``marthe_ext.DynamicLossScale``. ``opt.loss_scale`` reads the current scale.
+        first_order: cheaper steps, an approximation (README "Cheaper steps"): the tangent
+            recursion with the Hessian term dropped, ``A_t`` with ``H_t = 0`` (the training
+            gradient, coupled L2 included, taken as a constant of w): no HVP at all.
+        hvp_every: k >= 1, an approximation for k > 1: the exact HVP only on steps
+            t = 0 mod k (t counts ``step()`` calls from 0, checkpointed), ``H_t = 0`` on the
+            others. 1 (the default) is the exact algorithm.
+        hypergrad_every: k >= 1, an approximation for k > 1: the hypergradient (and in val
+            mode the validation pass) and the LR update (with its safeguards and auto-mu)
+            only on steps t = 0 mod k; the tangent still moves every step.
+        compile_lr_update: run the LR update (every safeguard) as one ``torch.compile``d
+            function, one kernel instead of ~57 small ops (``marthe_ext.fused_lr``); the
+            same maths, equal to float64 rounding. The first step compiles (seconds).
 
     ``step(closure, val_closure=None)``: ``closure()`` returns the training loss and does
     NOT call backward (the optimizer differentiates it). Without ``val_closure`` the
     hypergradient comes from the training loss before the update (HD style, no extra
-    pass); with it, from the validation loss after the update.
+    pass); with it, from the validation loss after the update. ``step()`` without a closure
+    is the usual torch loop (``loss.backward(create_graph=True); opt.step()``) and
+    ``param_groups[i]["lr"]`` is the group's step size, which torch's LR schedulers scale:
+    see ``marthe_ext.training_loop``.
     """
 
     def __init__(
@@ -138,7 +164,14 @@ class Marthe(torch.optim.Optimizer):
         hyper_lr_rprop: Optional[tuple[float, float]] = None,
         hyper_lr_bounds: tuple[float, float] = (1e-6, 0.1),
         safeguards: Optional[str] = "robust",
+        process_group=None,
+        loss_scale: LossScaleOption = None,
+        first_order: bool = False,
+        hvp_every: int = 1,
+        hypergrad_every: int = 1,
+        compile_lr_update: bool = False,
     ):
+        check_process_group(process_group)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.config = MartheConfig.from_arguments(
@@ -148,14 +181,18 @@ class Marthe(torch.optim.Optimizer):
             max_lr_change=max_lr_change, max_lr_growth=max_lr_growth, hypergrad_norm=hypergrad_norm,
             hypergrad_norm_decay=hypergrad_norm_decay, max_tangent_ratio=max_tangent_ratio,
             hyper_lr_rprop=hyper_lr_rprop, hyper_lr_bounds=hyper_lr_bounds, safeguards=safeguards,
-            has_model=model is not None)
+            has_model=model is not None, first_order=first_order, hvp_every=hvp_every,
+            hypergrad_every=hypergrad_every, compile_lr_update=compile_lr_update)
         self.model = model
         super().__init__(params, dict(lr_scale=1.0, weight_decay=self.config.weight_decay))
         if model is not None:
             check_model_holds(model, [p for g in self.param_groups for p in g["params"]])
         device = self.param_groups[0]["params"][0].device
         self._controller = HyperController(self.config, device)
-        self._protocol = StepProtocol(self.config, self._controller, model, device, _warn)
+        self._protocol = StepProtocol(self.config, self._controller, model, device, _warn,
+                                      process_group=process_group)
+        self._protocol.step_sizes.attach(self.param_groups)  # group["lr"], group["initial_lr"]
+        self._protocol.scaler = LossScaler.from_option(loss_scale, device)
         self._skip_warned = False
 
     # The configuration, read-only (``opt.config`` holds all of it).
@@ -175,6 +212,9 @@ class Marthe(torch.optim.Optimizer):
     max_tangent_ratio = property(lambda self: self.config.max_tangent_ratio)
     hyper_lr_rprop = property(lambda self: self.config.hyper_lr_rprop)
     hyper_lr_bounds = property(lambda self: self.config.hyper_lr_bounds)
+    first_order = property(lambda self: self.config.first_order)
+    hvp_every = property(lambda self: self.config.hvp_every)
+    hypergrad_every = property(lambda self: self.config.hypergrad_every)
 
     # ----------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict) -> None:
@@ -195,6 +235,7 @@ class Marthe(torch.optim.Optimizer):
                                 "(view them as real with torch.view_as_real)")
             if not p.is_floating_point():
                 raise TypeError(f"parameters must be floating point, got {p.dtype}")
+        check_not_sharded(params)
         group = dict(param_group, params=params)
         for key in ("lr_scale", "weight_decay"):
             if key in group:
@@ -203,6 +244,8 @@ class Marthe(torch.optim.Optimizer):
         if len(devices) > 1:
             raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
         super().add_param_group(group)
+        if hasattr(self, "_protocol"):  # groups added after construction get "lr" now
+            self._protocol.step_sizes.attach(self.param_groups)
 
     # ----------------------------------------------------------------- readers
     @property
@@ -249,6 +292,18 @@ class Marthe(torch.optim.Optimizer):
         """hvp="auto": seconds each exact engine took on the step that chose one."""
         return self._protocol.hvp_timings
 
+    @property
+    def loss_scale(self) -> Optional[float]:
+        """The current loss scale S with ``loss_scale`` set, else None."""
+        scaler = self._protocol.scaler
+        return None if scaler is None else float(scaler.scale)
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """Backward style with ``loss_scale``: ``opt.scale_loss(loss).backward(...)`` (the step
+        divides the gradient and HVP by the same S). Without ``loss_scale``: ``loss``."""
+        scaler = self._protocol.scaler
+        return loss if scaler is None else scaler.scale_loss(loss)
+
     def hyper_state(self) -> dict[str, Tensor]:
         """The device scalars (eta, beta, mu, ...) without copying or synchronising."""
         return dict(self._controller.scalars)
@@ -256,15 +311,22 @@ class Marthe(torch.optim.Optimizer):
     def _warn_if_skipped(self) -> None:
         if not self._skip_warned and int(self._controller.scalars["skipped"]) > 0:
             self._skip_warned = True
-            _warn("marthe_ext: a step had a non-finite loss, gradient, HVP or hypergradient and "
-                  "was skipped (weights, state, tangents and eta unchanged); see opt.skipped_steps")
+            _warn("marthe_ext: a step was skipped: a non-finite loss, gradient, HVP or train-mode "
+                  "hypergradient leaves weights, state, tangents and eta unchanged; a non-finite "
+                  "validation hypergradient (computed after the update) skips only that LR update. "
+                  "See opt.skipped_steps")
 
     # ----------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] = None,
+    def step(self, closure: Optional[Callable[[], Tensor]] = None,
              val_closure: Optional[Callable[[], Tensor]] = None, *,
-             hvp_closure: Optional[Callable[[], Tensor]] = None) -> Tensor:
-        """One MARTHE step; returns the training loss (detached).
+             hvp_closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        """One MARTHE step; returns the training loss (detached), or None without a closure.
+
+        Without ``closure`` (backward style, see ``marthe_ext.training_loop``): the gradient
+        is ``.grad`` after ``loss.backward()``, the HVP comes from the graph kept by
+        ``loss.backward(create_graph=True)`` (needed when mu > 0, after the first step), and
+        ``opt.step(val_closure=...)`` gives the validation hypergradient.
 
         ``hvp_closure`` (optional, an approximation): a loss on a sub-batch of this step's
         batch; the HVP is then taken on it instead of the full batch (H estimated on fewer
@@ -272,7 +334,7 @@ class Marthe(torch.optim.Optimizer):
         (BatchNorm statistics) changed by it are restored, so they move once per step.
         """
         loss = self._protocol.step(self.param_groups, self.state, closure, val_closure, hvp_closure)
-        if loss.device.type == "cpu":  # reading a CPU flag costs no device sync
+        if self._protocol.device.type == "cpu":  # reading a CPU flag costs no device sync
             self._warn_if_skipped()
         return loss
 
@@ -286,6 +348,9 @@ class Marthe(torch.optim.Optimizer):
             "hvp_engine": self._protocol.hvp_engine,
             **self._controller.state_dict(),
         }
+        if self._protocol.scaler is not None:
+            sd["marthe"]["loss_scale"] = self._protocol.scaler.state_dict()
+        GroupStepSizes.saved_groups(sd["param_groups"])
         return sd
 
     def _check_state_dict(self, state_dict: dict) -> None:
@@ -327,9 +392,12 @@ class Marthe(torch.optim.Optimizer):
                     shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                     raise ValueError(f"state '{name}' of parameter {key} has shape {shape}, "
                                      f"the parameter has shape {tuple(p.shape)}")
+        GroupStepSizes.check_saved_groups(saved_groups)
         if "steps_called" not in meta:
             raise ValueError("state dict lacks the entry 'steps_called'")
         HyperController.check_state_dict(meta)
+        if "loss_scale" in meta:
+            LossScaler.check_state_dict(meta["loss_scale"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a Marthe checkpoint; every check runs before anything is changed.
@@ -356,6 +424,11 @@ class Marthe(torch.optim.Optimizer):
                 if k in sg:
                     g[k] = sg[k]
         self._controller.load_state_dict(meta)
+        # A checkpoint without loss scaling leaves S at its initial value (scaling newly on);
+        # one with it, loaded without, is fine too (scaling switched off).
+        if self._protocol.scaler is not None and "loss_scale" in meta:
+            self._protocol.scaler.load_state_dict(meta["loss_scale"])
+        self._protocol.step_sizes.load(self.param_groups, state_dict["param_groups"])
         self._protocol.steps_called = int(meta["steps_called"])
         if self.config.hvp == "auto":
             self._protocol.hvp_engine = meta.get("hvp_engine")

@@ -207,6 +207,10 @@ def test_demo_runs_and_reports_every_method(tmp_path):
     for r in rows:
         assert math.isfinite(r["val_loss"]) and r["final_lr"] >= 0 and r["diverged_at"] is None
     assert (tmp_path / "demo.md").read_text().count("\n") == 2 + len(rows)
+    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the figure, next to the table
+    for r in rows:  # what it draws: the LR at every step, the validation loss along the way
+        assert len(r["lrs"]) == 40 and r["eval_steps"][0] == 0 and r["eval_steps"][-1] == 40
+        assert len(r["val_loss_curve"]) == len(r["eval_steps"]) > 2
 
 
 def test_cli(tmp_path, capsys):

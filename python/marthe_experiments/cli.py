@@ -1,7 +1,8 @@
-"""Command line: ``python python/run.py {demo,e1,e2,safeguards} [options]`` (or ``python -m marthe_experiments``)."""
+"""Command line: ``python python/run.py {demo,e1,e2,safeguards,modes} [options]`` (or ``python -m marthe_experiments``)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -10,6 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import parallel
 from .data import DATASETS, DataError
 from .models import MODELS
 
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--beta", type=float, default=None, help="hyper-learning rate of HD/RTHO/MARTHE")
     demo.add_argument("--dynamics", choices=("sgd", "adam"), default=None, help="inner optimizer (default sgd)")
     demo.add_argument("--eta0", type=float, default=None, help="initial LR (default 0.01)")
+    demo.add_argument("--batch-size", type=int, default=None,
+                      help="training batch (default 50); under torchrun split evenly over the processes")
 
     e1 = sub.add_parser("e1", help="LR-schedule study: LRS-OPT vs MARTHE/HD/RTHO/Exponential (MLP, SGD)")
     common(e1, "runs/e1")
@@ -141,13 +145,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .safeguard_study import main as safeguard_main
 
         return safeguard_main(argv[1:])
+    if argv[:1] == ["modes"]:  # the issue-14 study of the cheaper modes has its own parser
+        from .modes_study import main as modes_main
+
+        return modes_main(argv[1:])
     args = build_parser().parse_args(argv)
     # The torch reference backend is the expected path on CPU; saying so on every run is noise.
     warnings.filterwarnings("ignore", message="marthe_ext. no fast backend")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    progress = not args.no_progress
+    device = parallel.setup(_device(args.device))  # under torchrun: join the process group
+    if parallel.world_size() > 1 and args.command != "demo":
+        raise SystemExit(f"{args.command} under torchrun is not supported (its method grids and "
+                         f"LRS-OPT run one process); run it without torchrun, or run the demo")
+    if not parallel.is_main():  # rank 0 reports; the others train silently
+        sys.stdout = open(os.devnull, "w")
+    progress = not args.no_progress and parallel.is_main()
     started = time.perf_counter()
     try:
         if args.command == "demo":
@@ -162,10 +175,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 cfg.dynamics = args.dynamics
             if args.eta0:
                 cfg.eta0 = args.eta0
+            if args.batch_size:
+                cfg.batch_size = args.batch_size
             rows = run_demo(cfg, out=args.out, progress=progress, device=device)
             print(f"Digits MLP, {cfg.dynamics} from eta0 = {cfg.eta0}, {cfg.steps} steps; hypergradient methods: beta = "
                   f"{cfg.beta}, MARTHE mu = {cfg.mu}")
             print(demo_table(rows))
+            print(f"LR schedules and validation losses: {args.out / 'demo.png'}")
         elif args.command == "e1":
             from .e1 import e1_config, run_e1
 
@@ -191,5 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        parallel.teardown()
     print(f"results in {args.out} ({time.perf_counter() - started:.0f} s)")
     return 0

@@ -15,9 +15,11 @@ from typing import Optional
 
 import torch
 
+from . import parallel
 from .data import load_splits
 from .methods import MethodSpec, Protocol, Trainer
 from .models import build_model
+from .plots import plot_demo
 from .report import markdown_table, write_json
 from .training import batch_schedule, evaluate, train_run
 
@@ -59,23 +61,24 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out: Optional[Path] = None, progres
     for spec in demo_methods(cfg):
         model = build_model("mlp", data.input_shape, data.num_classes, hidden=cfg.hidden).to(device)
         model.load_state_dict(init)
-        trainer = Trainer(spec, model, protocol)
+        trainer = Trainer(spec, parallel.wrap(model), protocol)  # DDP under torchrun
         started = time.perf_counter()
         log = train_run(trainer, data.x_train, data.y_train, batches,
                         val_batch=lambda t: (data.x_val, data.y_val),
                         evaluator=lambda: evaluate(model, data.x_val, data.y_val),
-                        eval_every=cfg.steps, progress=progress, desc=spec.label)
+                        eval_every=max(1, cfg.steps // 40), progress=progress, desc=spec.label)
         seconds = time.perf_counter() - started
         with trainer.evaluation():
             test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
         rows.append(dict(method=spec.label, val_loss=log.val_loss[-1], val_acc=log.val_acc[-1],
                          test_loss=test_loss, test_acc=test_acc, final_lr=trainer.lr,
                          max_lr=max(log.lrs), seconds=seconds, diverged_at=log.diverged_at,
-                         lrs=log.lrs))
-    if out is not None:
+                         lrs=log.lrs, eval_steps=log.eval_steps, val_loss_curve=log.val_loss))
+    if out is not None and parallel.is_main():
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "demo.json", {"config": asdict(cfg), "runs": rows})
         (out / "demo.md").write_text(demo_table(rows))
+        plot_demo(rows, out / "demo.png")
     return rows
 
 

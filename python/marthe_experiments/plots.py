@@ -40,6 +40,24 @@ def plot_e1(results: dict, best: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_demo(rows: list[dict], path: Path) -> None:
+    """The demo's figure: every method's LR schedule and validation loss over the steps."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.0))
+    styles = ["-", "--", ":", "-."]
+    for i, r in enumerate(rows):
+        family = r["method"].split(" ")[0]
+        style = dict(color=COLORS.get(family), lw=1.2, ls=styles[i % len(styles)], label=r["method"])
+        axes[0].plot(range(len(r["lrs"])), _finite(r["lrs"]), **style)
+        axes[1].plot(r["eval_steps"], _finite(r["val_loss_curve"]), **style)
+    axes[0].set(xlabel="step t", ylabel="learning rate $\\eta_t$ (0 not shown)", title="LR schedules",
+                yscale="log")
+    axes[1].set(xlabel="step t", ylabel="validation loss", title="Validation loss", yscale="log")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def plot_e2(summary: list[dict], curves: dict, path: Path) -> None:
     """Per (model, protocol): LR curves of each method's first seed, and test accuracy (mean, std)."""
     groups = list(dict.fromkeys((s["model"], s["protocol"]) for s in summary))

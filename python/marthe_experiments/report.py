@@ -32,6 +32,18 @@ def write_json(path: os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
+def read_run_log(path: Path) -> dict[str, dict]:
+    """The runs a study already logged (one JSON object per line, keyed by ``"key"``), so
+    that a study stopped early resumes where it was."""
+    done: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                run = json.loads(line)
+                done[run["key"]] = run
+    return done
+
+
 def write_csv(path: os.PathLike, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)

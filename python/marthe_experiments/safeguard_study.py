@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .data import load_splits
 from .models import build_model
-from .report import markdown_table, write_csv, write_json
+from .report import markdown_table, read_run_log, write_csv, write_json
 from .training import batch_schedule, evaluate
 
 # Each variant is a set of Marthe options; all off is the faithful algorithm (SPEC section 2).
@@ -260,12 +260,7 @@ def run_grid(cfg: StudyConfig, out: Path, workers: int = 1, threads: int = 1, pr
     """
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "safeguard_runs.jsonl"
-    done: dict[str, dict] = {}
-    if log_path.exists():
-        for line in log_path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[r["key"]] = r
+    done = read_run_log(log_path)
     cells = [(v, mu, beta, s) for s in cfg.seeds for v in cfg.variants for mu in cfg.mus for beta in cfg.betas]
     aliases: dict[str, str] = {}
     started = time.perf_counter()

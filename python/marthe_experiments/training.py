@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 import marthe_ext
 
+from . import parallel
 from .methods import Trainer, has_batchnorm
 
 
@@ -84,7 +85,7 @@ def train_run(trainer: Trainer, x: Tensor, y: Tensor, batches: Tensor, *,
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=1.0)
     for t in bar:
         started = time.perf_counter()
-        idx = batches[t]
+        idx = parallel.shard(batches[t])  # this rank's slice (all of it in one process)
         xb, yb = x[idx], y[idx]
 
         def train_loss() -> Tensor:
