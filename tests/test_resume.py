@@ -10,7 +10,8 @@ import random
 import signal
 import subprocess
 import sys
-import time
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,34 +24,46 @@ from marthe_ext.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "python" / "examples" / "resumable_training.py"
-STEPS = 40
+STEPS = 50
+# Every kill leaves at least this many steps to run (each with its checkpoint write, some
+# 10-20 ms), so that the kill lands long before the script could finish on its own.
+MARGIN = 20
 ENV = dict(os.environ, OMP_NUM_THREADS="1",
            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def _run(ckpt, out, kill_after=None, timeout=120):
-    """Run the script; with ``kill_after`` SIGKILL it once it has printed that step."""
+    """Run the script; with ``kill_after`` SIGKILL it once it has printed that step.
+
+    A watchdog kills it after ``timeout`` seconds whatever happens (the test then fails)."""
     cmd = [sys.executable, str(SCRIPT), "--steps", str(STEPS), "--ckpt", str(ckpt),
            "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + timeout
-    try:
-        if kill_after is None:
-            _, err = proc.communicate(timeout=timeout)
-            assert proc.returncode == 0, err
-            return None
-        for line in proc.stdout:
-            if line.strip() == f"step {kill_after}":
-                proc.send_signal(signal.SIGKILL)  # lands wherever the next step has got to
-                break
-            assert time.monotonic() < deadline, "the script did not reach the step in time"
-        proc.wait(timeout=30)
-        return proc.returncode
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True)
+        expired = threading.Event()
+        watchdog = threading.Timer(timeout, lambda: (expired.set(), proc.kill()))
+        watchdog.start()
+        try:
+            killed = False
+            for line in proc.stdout:
+                if kill_after is not None and line.strip() == f"step {kill_after}":
+                    proc.send_signal(signal.SIGKILL)  # lands wherever the next step has got to
+                    killed = True
+                    break
             proc.wait()
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        err.seek(0)
+        assert not expired.is_set(), f"the script ran over {timeout} s: {err.read()[-2000:]}"
+        if kill_after is None:
+            assert proc.returncode == 0, err.read()[-2000:]
+        else:
+            assert killed, f"the script never printed step {kill_after}: {err.read()[-2000:]}"
+            assert proc.returncode == -signal.SIGKILL, "the script finished before the kill"
+        return proc.returncode
 
 
 def _flat(obj, prefix=""):
@@ -84,8 +97,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     checkpoint write, has got to), two resumes, against one uninterrupted run."""
     rng = random.Random(2026)
     _run(tmp_path / "ref-last.pt", tmp_path / "ref.pt")
-    first = rng.randrange(2, STEPS // 2)
-    second = rng.randrange(first + 3, STEPS - 2)
+    first = rng.randrange(2, STEPS - MARGIN - 8)
+    second = rng.randrange(first + 3, STEPS - MARGIN)
     ckpt, out = tmp_path / "last.pt", tmp_path / "final.pt"
     assert _run(ckpt, out, kill_after=first) == -signal.SIGKILL
     early = checkpoint.read(ckpt)
