@@ -17,8 +17,9 @@
 #
 # With --dry it runs without a GPU: GPU-only stages are skipped with the reason, the GPU
 # tests are only collected (they skip), the benchmarks run on the CPU in quick mode. Use
-# it to check the pipeline before spending device time. Without --dry and without a CUDA
-# device it stops at once (exit status 3).
+# it to check the pipeline before spending device time (CI does, so the check cannot rot).
+# Without --dry and without a CUDA device it stops at once (exit status 3). Exit status 1:
+# a stage failed, timed out or found no time left.
 set -u -o pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -224,3 +225,8 @@ fi
     fi
 } | tee -a "$LOG"
 rm -rf "$SCRATCH"
+# A stage that failed, timed out or found no time left fails the check (CI runs --dry).
+if printf '%s\n' "${SUMMARY[@]}" | grep -qE '^[^ ]+ +(TIMEOUT|rc=[0-9]+|no time) '; then
+    echo "GPU check: a stage did not pass (see the table above and $LOG)" >&2
+    exit 1
+fi

@@ -152,3 +152,24 @@ def test_compile_investigation_func_variant_handles_batchnorm_in_train_mode():
     assert torch.equal(model[1].running_mean, before), "the func variant works on copies"
     ref_g, ref_h = fns["reverse"]()
     assert compile_hvp._rel(h, ref_h) < 1e-12 and compile_hvp._rel(g, ref_g) < 1e-12
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_passes_every_stage(tmp_path):
+    """The GPU check's --dry pipeline on the CPU (about 80 s): every stage that can run
+    without a GPU passes, so the one prepared command cannot rot between GPU sessions."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHON=sys.executable, MARTHE_CHECK_BUDGET_S="900")  # dry reserves are 4x the GPU ones
+    env.pop("MARTHE_GPU_TESTS", None)
+    run = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--dry"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    table = run.stdout[run.stdout.index("stage "):]
+    for stage in ("env", "build", "gpu-tests", "bench-kernel", "bench-mlp", "table", "compile-hvp"):
+        assert any(line.split()[:2] == [stage, "ok"] for line in table.splitlines()), (stage, table)
+    assert (tmp_path / "gpu_check.log").exists() and (tmp_path / "RESULTS_gpu.md").exists()
