@@ -35,12 +35,24 @@ BACKENDS = ("torch", "triton", "cuda", "cpu")
 ENGINE_VARIANTS = (("forward", "grad"), ("fd", "grad"), ("reverse", "jvp"), ("reverse", "fd"),
                    ("forward", "jvp"), ("fd", "fd"))
 
-# (kind, dynamics, backend, hvp, hypergrad)
+# The cheaper modes (README "Cheaper steps"): name -> (Marthe options, steps in one period).
+# An amortised mode is timed over whole periods (k steps per call, the time divided by k):
+# its steps differ, and a median over single steps would report only the cheap ones.
+MODES = {
+    "first-order": (dict(first_order=True), 1),
+    "hvp-every-2": (dict(hvp_every=2), 2),
+    "hvp-every-4": (dict(hvp_every=4), 4),
+    "hvp-every-8": (dict(hvp_every=8), 8),
+    "hypergrad-every-4": (dict(hypergrad_every=4), 4),
+}
+
+# (kind, dynamics, backend, hvp, hypergrad, mode)
 CASES = (
-    [("plain", d, None, None, None) for d in ("sgd", "sgdm", "adam")]
-    + [("autograd", d, None, "reverse", "grad") for d in ("sgdm", "adam")]
-    + [("marthe", d, b, "reverse", "grad") for d in ("sgdm", "adam") for b in BACKENDS]
-    + [("marthe", "sgdm", "fast", h, hg) for h, hg in ENGINE_VARIANTS]
+    [("plain", d, None, None, None, None) for d in ("sgd", "sgdm", "adam")]
+    + [("autograd", d, None, "reverse", "grad", None) for d in ("sgdm", "adam")]
+    + [("marthe", d, b, "reverse", "grad", None) for d in ("sgdm", "adam") for b in BACKENDS]
+    + [("marthe", "sgdm", "fast", h, hg, None) for h, hg in ENGINE_VARIANTS]
+    + [("marthe", "sgdm", "fast", "reverse", "grad", m) for m in MODES]
 )
 
 # On the CPU a MARTHE step of even the reduced VGG-11 / ResNet-18 takes a large part of a
@@ -50,12 +62,12 @@ CPU_CONV_CASES = {"plain-sgdm", "autograd-sgdm", "marthe-sgdm-torch-reverse-grad
 
 
 def case_id(case) -> str:
-    kind, dynamics, backend, hvp, hypergrad = case
+    kind, dynamics, backend, hvp, hypergrad, mode = case
     if kind == "plain":
         return f"plain-{dynamics}"
     if kind == "autograd":
         return f"autograd-{dynamics}"
-    return f"marthe-{dynamics}-{backend}-{hvp}-{hypergrad}"
+    return f"marthe-{dynamics}-{backend}-{hvp}-{hypergrad}" + (f"-{mode}" if mode else "")
 
 
 def _plain_step(model, dynamics, closure):
@@ -76,7 +88,7 @@ def _plain_step(model, dynamics, closure):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("model_name", MODELS)
 def test_step(benchmark, model_name, case, dev):
-    kind, dynamics, backend, hvp, hypergrad = case
+    kind, dynamics, backend, hvp, hypergrad, mode = case
     reduced = dev.type != "cuda"
     if reduced and model_name != "mlp" and case_id(case) not in CPU_CONV_CASES:
         pytest.skip(f"CPU run: {model_name} runs only {sorted(CPU_CONV_CASES)} "
@@ -111,8 +123,13 @@ def test_step(benchmark, model_name, case, dev):
         opt = marthe_ext.Marthe(model.parameters(), lr=LR[dynamics], dynamics=dynamics,
                                 momentum=MOMENTUM, mu=MU, hyper_lr=HYPER_LR, hvp=hvp,
                                 hypergrad=hypergrad, backend=backend_name, model=model,
-                                safeguards=None)  # the baseline's algorithm: the same work
-        step = lambda: opt.step(closure, val_closure)  # noqa: E731
+                                safeguards=None,  # the baseline's algorithm: the same work
+                                **(MODES[mode][0] if mode else {}))
+        period = MODES[mode][1] if mode else 1
+
+        def step():
+            for _ in range(period):
+                opt.step(closure, val_closure)
         try:
             step()  # no HVP yet (zero tangent)
             step()  # the first step with an HVP
@@ -127,15 +144,17 @@ def test_step(benchmark, model_name, case, dev):
     benchmark.extra_info.update(
         suite="step", model=model_name, kind=kind, dynamics=dynamics, backend=backend_name,
         hvp=hvp, hypergrad=hypergrad, params=num_params(model), batch=spec.batch,
-        reduced=reduced and model_name != "mlp")
+        reduced=reduced and model_name != "mlp", mode=mode)
     seconds = harness.run(benchmark, step, dev, harness.budget_s(dev, "step"))
     if seconds is None:
         return
+    if kind == "marthe" and period > 1:  # time per step, averaged over one period
+        benchmark.extra_info.update(steps_per_call=period, time_s=seconds / period)
     benchmark.extra_info["peak_extra_bytes"] = harness.peak_extra_bytes(step, dev, base)
     if kind == "marthe":
         steps = 2 if (reduced or harness.quick()) else 5
         phases = harness.step_breakdown(step, dev, steps=steps)
-        benchmark.extra_info["phases_s"] = phases
+        benchmark.extra_info["phases_s"] = {k: v / period for k, v in phases.items()}
         benchmark.extra_info["backend"] = opt.backend
         benchmark.extra_info["hvp"] = opt.hvp_engine or hvp
     assert all(torch.isfinite(p).all() for p in list(model.parameters())[:1])
