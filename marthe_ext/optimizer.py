@@ -318,6 +318,11 @@ class Marthe(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- step
     @torch.no_grad()
+    # Always eager, also inside torch.compile'd code (dynamo graph-breaks here): measured with
+    # torch 2.13, compiled code silently drops the in-place writes to the 0-dim device scalars
+    # (eta, the step count stayed at their start values). The update path itself is compile-
+    # safe through marthe_ext.ops; a compiled model is the way to speed up the closures.
+    @torch.compiler.disable
     def step(self, closure: Optional[Callable[[], Tensor]] = None,
              val_closure: Optional[Callable[[], Tensor]] = None, *,
              hvp_closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:

@@ -122,3 +122,23 @@ def test_fd_works_through_the_compiled_forward():
 def test_forward_eager_needs_the_model():
     with pytest.raises(ValueError, match="need the model"):
         marthe_ext.Marthe(torch.nn.Linear(2, 2).parameters(), hvp="forward-eager")
+
+
+def test_a_compiled_step_runs_eagerly_and_equals_the_eager_step():
+    """torch.compile(opt.step) (or a compiled training function that calls it) would drop
+    the writes to the 0-dim scalars (measured: eta and the step count stayed at their start
+    values); the step is excluded from compilation, so it equals the eager step bit for bit."""
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        opt = marthe_ext.Marthe(model.parameters(), lr=0.05, first_order=True, backend="torch")
+        x = torch.randn(4, 3)
+        step = torch.compile(opt.step) if compiled else opt.step
+        for _ in range(4):
+            step(lambda: model(x).pow(2).mean())
+        runs.append((opt.hyper_state()["step"].clone(), opt.hyper_state()["eta"].clone(),
+                     [p.detach().clone() for p in model.parameters()]))
+    (s0, e0, w0), (s1, e1, w1) = runs
+    assert float(s1) == 4.0 and torch.equal(s0, s1) and torch.equal(e0, e1) and float(e1) != 0.05
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
