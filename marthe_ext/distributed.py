@@ -12,7 +12,10 @@ What is reduced, per step (sum over ranks, then divided by the world size):
 
 * the training gradient, the HVP, the loss and a has-gradient mask -- together, in flat
   buckets of at most ``bucket_cap_mb`` (one per dtype while they fit, as DDP's buckets);
-  every bucket is launched asynchronously and waited for once, so buckets overlap;
+  every bucket is launched asynchronously and waited for once, so buckets overlap. With
+  the "reverse" and "fd" engines (closure style, no loss scaling) the gradient's buckets
+  are launched as soon as the gradient exists (``hvp.on_gradients``), the HVP's after the
+  HVP: the gradient's all-reduce overlaps the HVP's compute (one more collective);
 * the validation gradient (``hypergrad="grad"``), before its elementwise clip -- one more
   bucketed reduction; with ``"jvp"``/``"fd"`` only the scalar h (and the fd error bound).
 
@@ -123,7 +126,7 @@ class NoSync:
     def broadcast_parameters_once(self, params):
         pass
 
-    def average_gradients(self, loss, grads, hvps, params, states):
+    def average_gradients(self, loss, grads, hvps, params, states, started=None):
         return loss, grads, hvps, None
 
     def average_list(self, tensors, like):
@@ -186,24 +189,35 @@ class GradientSync(NoSync):
                     data[i].copy_(flat[offset:offset + n].view_as(data[i]))
                     offset += n
 
-    def _average_(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Means over the group of equally laid-out tensors (every rank passes the same
-        shapes and dtypes in the same order); the results are views of the flat buckets."""
+    def _launch(self, tensors: list[Tensor]) -> tuple:
+        """Start summing equally laid-out tensors over the group (every rank passes the same
+        shapes and dtypes in the same order): every bucket in flight at once, copied out of
+        ``tensors``, which the caller may then keep using."""
         buckets = self._buckets(tensors)
         flats = [torch.cat([tensors[i].reshape(-1) for i in idx]) for idx in buckets]
-        with _clear_errors():  # every bucket in flight at once, then one wait each
+        with _clear_errors():
             works = [dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
                      for flat in flats]
-            self.collectives += len(flats)
+        self.collectives += len(flats)
+        return [t.shape for t in tensors], buckets, flats, works
+
+    def _average_(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Means over the group of equally laid-out tensors; views of the flat buckets."""
+        return self._finish(self._launch(tensors))
+
+    def _finish(self, launched: tuple) -> list[Tensor]:
+        """Wait for ``_launch``'s buckets (once each) and return the means."""
+        shapes, buckets, flats, works = launched
+        with _clear_errors():
             for work in works:
                 work.wait()
-        out: list[Optional[Tensor]] = [None] * len(tensors)
+        out: list[Optional[Tensor]] = [None] * len(shapes)
         for idx, flat in zip(buckets, flats):
             flat.div_(self.world_size)
             offset = 0
             for i in idx:
-                n = tensors[i].numel()
-                out[i] = flat[offset:offset + n].view_as(tensors[i])
+                n = shapes[i].numel()
+                out[i] = flat[offset:offset + n].view(shapes[i])
                 offset += n
         return out
 
@@ -216,31 +230,56 @@ class GradientSync(NoSync):
                                             device=like.device)
         return self._masks[key]
 
+    def start_gradients(self, loss: Optional[Tensor], grads: list[Optional[Tensor]],
+                        params: Sequence[Tensor]) -> tuple:
+        """Launch the reduction of the gradients, the loss and the has-gradient mask now, for
+        ``average_gradients(..., started=...)`` to finish: the reverse and fd engines have the
+        gradient before they take the HVP (``hvp.on_gradients``), so its all-reduce runs
+        while the HVP is computed."""
+        zero, grads, tail = self._filled(loss, grads, params)
+        return zero, loss is not None, self._launch(grads + [tail])
+
+    def _filled(self, loss, grads, params):
+        """(which gradients this rank lacks, the gradients with zeros for those, the loss and
+        the has-gradient mask in one tensor): the same layout on every rank."""
+        zero = [g is None for g in grads]
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        # The loss (None in backward style, on every rank) rides in the mask's bucket.
+        mask = self._mask([not z for z in zero], grads[0] if loss is None else loss)
+        return zero, grads, mask if loss is None else torch.cat([loss.reshape(1), mask])
+
     def average_gradients(self, loss: Optional[Tensor], grads: list[Optional[Tensor]],
                           hvps: Optional[list[Optional[Tensor]]], params: Sequence[Tensor],
-                          states: Sequence[dict]):
+                          states: Sequence[dict], started: Optional[tuple] = None):
         """(mean loss, mean gradients, mean HVPs, ``UnusedParams`` or None).
+
+        Without ``started``: the gradients, HVPs, loss and mask in one set of buckets. With
+        ``started`` (``start_gradients``' result for this step's ``loss`` and ``grads``): only
+        the HVPs are launched here, then both are waited for. The means are the same either
+        way (a sum is elementwise, whatever the buckets hold).
 
         Every returned gradient (and HVP, when ``hvps`` is a list) is a tensor: zeros stand
         for this rank's missing ones. ``UnusedParams`` (None when this rank has every
         gradient) undoes the update of those that no rank had a gradient for.
         """
-        zero = [g is None for g in grads]
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        flat_in = list(grads)
-        if hvps is not None:
-            flat_in += [torch.zeros_like(g) if h is None else h for g, h in zip(grads, hvps)]
-        # The loss (None in backward style, on every rank) rides in the mask's bucket.
-        mask = self._mask([not z for z in zero], grads[0] if loss is None else loss)
-        flat_in.append(mask if loss is None else torch.cat([loss.reshape(1), mask]))
-        out = self._average_(flat_in)
         n = len(grads)
-        extras = out[-1]
-        loss_avg = None if loss is None else extras[0].reshape(())
-        extras = extras if loss is None else extras[1:]
-        grads = out[:n]
         if hvps is not None:
-            hvps = out[n:2 * n]
+            hvps = [torch.zeros_like(p) if h is None else h for p, h in zip(params, hvps)]
+        if started is None:
+            zero, filled, tail = self._filled(loss, grads, params)
+            has_loss = loss is not None
+            out = self._average_(filled + (hvps or []) + [tail])
+            grads, extras = out[:n], out[-1]
+            if hvps is not None:
+                hvps = out[n:2 * n]
+        else:
+            zero, has_loss, launched = started
+            hvp_launched = None if hvps is None else self._launch(hvps)
+            out = self._finish(launched)
+            grads, extras = out[:n], out[-1]
+            hvps = None if hvp_launched is None else self._finish(hvp_launched)
+        loss_avg = extras[0].reshape(()) if has_loss else None
+        extras = extras[1:] if has_loss else extras
         unused = None
         if any(zero):
             # A mean count above 0 means some rank had a gradient: the parameter is used.

@@ -21,10 +21,17 @@ the gradient ``g = grad L(w)`` and ``H Zw`` for the optimizer's parameters:
 Entries of ``grads`` are None for parameters the loss does not depend on; entries of
 ``hvps`` are None where the HVP is exactly zero. ``hvps`` itself is None when no HVP was
 asked for.
+
+``on_gradients(hook)``: inside the block, the engines that finish the gradient before they
+start the HVP ("reverse", "fd" and "reverse-eager") call ``hook(loss, grads)`` right then
+(detached), so that the caller may start using the gradient -- data parallelism launches
+its all-reduce (``distributed.py``) -- while the HVP is computed. "forward" produces both
+together and calls nothing.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 from typing import Callable, Optional, Sequence
 
@@ -245,6 +252,26 @@ def restored_buffers(model: Optional[torch.nn.Module]):
         snapshot.restore()  # on an error, _buffer_snapshot restores
 
 
+_gradients_hook: contextvars.ContextVar = contextvars.ContextVar("marthe_gradients_hook", default=None)
+
+
+@contextlib.contextmanager
+def on_gradients(hook: Callable[[Tensor, list], None]):
+    """Inside: ``hook(loss, grads)`` when an engine has the gradient and has yet to take the
+    HVP (see the module docstring). Not called when no HVP is asked for."""
+    token = _gradients_hook.set(hook)
+    try:
+        yield
+    finally:
+        _gradients_hook.reset(token)
+
+
+def _gradients_ready(loss: Tensor, grads: Sequence[Optional[Tensor]]) -> None:
+    hook = _gradients_hook.get()
+    if hook is not None:
+        hook(loss.detach(), [None if g is None else g.detach() for g in grads])
+
+
 def _grad(loss: Tensor, params: Sequence[Tensor], create_graph: bool = False) -> list[Optional[Tensor]]:
     return list(torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True))
 
@@ -256,6 +283,7 @@ def reverse_engine(closure, params, tangents, need_hvp: bool, model=None):
             grads = _grad(loss, params, create_graph=need_hvp)
         if not need_hvp:
             return loss.detach(), grads, None
+        _gradients_ready(loss, grads)
         idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         hvps: list[Optional[Tensor]] = [None] * len(params)
         if idx:
@@ -308,6 +336,7 @@ def fd_engine(closure, params, tangents, need_hvp: bool, model=None):
         with _profiling.phase("gradient"), torch.enable_grad():
             loss = call_closure(closure)
             grads = _grad(loss, params)
+        _gradients_ready(loss, grads)
         # The first evaluation is the training step: its buffer updates (BatchNorm running
         # statistics) and random draws stand; the probe's are undone, and it draws the
         # first evaluation's dropout masks.

@@ -17,6 +17,7 @@ param groups and state; the rules for eta, beta and mu are the controller's.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import defaultdict
 from typing import Callable, Optional, Sequence
@@ -140,12 +141,14 @@ class StepProtocol:
 
         # 1. gradients and HVPs
         hvp_from_closure = hvp_closure is not None and need_hvp
+        started: list = []  # the gradient's reduction, when launched before the HVP
         if closure is None:  # backward style: .grad and its graph (training_loop.py)
             loss = None
             grads, hvps = backward_gradients(params, [z.to(p.dtype) for p, z in zip(params, tangents)],
                                              need_hvp and not hvp_from_closure, cfg.hvp)
         else:
-            loss, grads, hvps = self._gradients(closure, params, tangents, need_hvp and not hvp_from_closure)
+            with self._overlapped(params, started, enabled=scaler is None):
+                loss, grads, hvps = self._gradients(closure, params, tangents, need_hvp and not hvp_from_closure)
         if hvp_from_closure:
             # The sub-batch evaluation is a probe: BatchNorm statistics move once per step.
             with _hvp.restored_buffers(self.model):
@@ -155,7 +158,8 @@ class StepProtocol:
             loss, grads, hvps = scaler.unscale(loss, grads, hvps)
         # Data parallel: the means over the ranks; every gradient is then a tensor (zeros
         # stand for this rank's missing ones; `unused` undoes what no rank had).
-        loss, grads, hvps, unused = self.sync.average_gradients(loss, grads, hvps, params, states)
+        loss, grads, hvps, unused = self.sync.average_gradients(
+            loss, grads, hvps, params, states, started[0] if started else None)
 
         # 2. the finite flag
         used = [i for i, g in enumerate(grads) if g is not None]
@@ -230,6 +234,23 @@ class StepProtocol:
                 self.warn(auto_choice_message(self.hvp_engine, failures))
             return out
         return ENGINES[self.hvp_engine](closure, params, engine_tangents, need_hvp, self.model)
+
+    @contextlib.contextmanager
+    def _overlapped(self, params, started: list, enabled: bool):
+        """Data parallel with the "reverse" or "fd" engine: the gradient's all-reduce is
+        launched as soon as the engine has the gradient and runs while it takes the HVP
+        (``hvp.on_gradients``) and lands in ``started``. Not on
+        hvp="auto"'s timing step (several engines run) nor with loss scaling (the gradient
+        is unscaled after the engine)."""
+        if not enabled or self.sync.world_size == 1 or self.hvp_engine is None:
+            yield
+            return
+
+        def launch(loss, grads):
+            started.append(self.sync.start_gradients(loss, self._dense_contiguous(grads, None)[0], params))
+
+        with _hvp.on_gradients(launch):
+            yield
 
     @staticmethod
     def _dense_contiguous(grads, hvps):

@@ -207,6 +207,33 @@ def count_collectives(case: dict, rank: int, world: int) -> list[int]:
             setattr(dist, name, fn)
 
 
+def event_order(case: dict, rank: int, world: int) -> str:
+    """The third step's autograd.grad calls ("g") and collectives ("c") in launch order."""
+    events: list = []
+    patched = {(dist, name): getattr(dist, name) for name in COLLECTIVES}
+    patched[(torch.autograd, "grad")] = torch.autograd.grad
+
+    def logging(fn, mark):
+        def wrapper(*args, **kwargs):
+            events.append(mark)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    model, net, opt = build(case)
+    x, y = batches(3, seed=1)
+    x, y = shard(x, rank, world), shard(y, rank, world)
+    try:
+        for s in range(3):
+            if s == 2:
+                for (owner, name), fn in patched.items():
+                    setattr(owner, name, logging(fn, "g" if owner is torch.autograd else "c"))
+            opt.step(lambda: sq_loss(net(x[s]), y[s]), lambda: sq_loss(net(x[s]), y[s]))
+    finally:
+        for (owner, name), fn in patched.items():
+            setattr(owner, name, fn)
+    return "".join(events)
+
+
 def subgroup_case(case: dict, rank: int, world: int) -> dict:
     """Ranks 0 and 1 average over new_group([0, 1]) on halves of the batch; the others run
     alone (``process_group=False``) on the whole batch."""
@@ -217,7 +244,8 @@ def subgroup_case(case: dict, rank: int, world: int) -> dict:
 
 
 def experiments_sharding() -> dict:
-    """python/run.py under torchrun: this rank's slice of a batch, and an uneven batch refused."""
+    """python/run.py under torchrun: this rank's slice of a batch, an uneven batch refused,
+    ranks that disagree caught, rank 0's BatchNorm statistics and LRS-OPT schedule shared."""
     from marthe_experiments import parallel
 
     out = {"rank": parallel.rank(), "world": parallel.world_size(), "slice": parallel.shard(torch.arange(6)),
@@ -227,6 +255,17 @@ def experiments_sharding() -> dict:
         out["uneven"] = "no error"
     except ValueError as exc:
         out["uneven"] = str(exc)
+    parallel.check_agree("same", [1.5, float("nan")])  # equal on every rank: no error
+    try:
+        parallel.check_agree("probe", [float(parallel.rank())])
+        out["disagree"] = "no error"
+    except RuntimeError as exc:
+        out["disagree"] = str(exc)
+    bn = nn.BatchNorm1d(2)
+    bn.running_mean.fill_(float(parallel.rank() + 1))
+    parallel.sync_buffers(bn)
+    out["bn"] = bn.running_mean.clone()
+    out["etas"] = parallel.broadcast_from_main(torch.full((3,), float(parallel.rank())))
     return out
 
 
@@ -263,6 +302,8 @@ def main(rank: int, world: int, port: int, outdir: str, jobs: list, fail: str | 
                 results[j] = checkpoint_case(job[1], rank, world, outdir, job[2])
             elif kind == "count":
                 results[j] = count_collectives(job[1], rank, world)
+            elif kind == "order":
+                results[j] = event_order(job[1], rank, world)
             elif kind == "bucket_mb":
                 marthe_ext.distributed.BUCKET_CAP_MB = job[1]
             elif kind == "subgroup":

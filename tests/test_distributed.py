@@ -131,10 +131,16 @@ OFF = dict(id="off", dynamics="sgdm", mu=0.99, lr=0.05, process_group=False)
 CKPT = dict(id="ckpt", dynamics="adam", mu=0.99, lr=0.05, ddp=True)
 COUNT = [dict(id=f"count-{m}-{mode}", model=m, dynamics="sgdm", mu=0.99, lr=0.05, **extra)
          for m in ("mlp", "deep")
-         for mode, extra in (("val", {}), ("train", {"val": False}), ("jvp", {"hypergrad": "jvp"}))]
-# per step after the first (which also broadcasts the weights once): the gradient, HVP,
-# loss and mask bucket, plus the validation gradient (val) or h (jvp)
-EXPECTED_COLLECTIVES = {"val": 2, "train": 1, "jvp": 2}
+         for mode, extra in (("val", {}), ("train", {"val": False}), ("jvp", {"hypergrad": "jvp"}),
+                             ("forward", {"hvp": "forward"}))]
+# per step after the first (which also broadcasts the weights once): with the reverse engine
+# the gradient, loss and mask bucket (launched before the HVP is taken, to overlap it) and
+# the HVP's; with the forward engine, which makes both together, one bucket; plus the
+# validation gradient (val, forward) or h (jvp)
+EXPECTED_COLLECTIVES = {"val": 3, "train": 2, "jvp": 3, "forward": 2}
+
+
+ORDER = [dict(id=f"order-{hvp}", dynamics="sgdm", mu=0.99, lr=0.05, hvp=hvp) for hvp in ("reverse", "fd", "forward")]
 
 
 def reference(case: dict) -> dict:
@@ -180,6 +186,7 @@ def assert_close(got: dict, want: dict, tol: float) -> None:
 def two_ranks(tmp_path_factory):
     jobs = [("case", c) for c in CASES] + [("case", OFF), ("checkpoint", CKPT, None)]
     jobs += [("count", c) for c in COUNT] + [("fsdp", {"id": "fsdp"}), ("experiments", {"id": "experiments"})]
+    jobs += [("order", c) for c in ORDER]
     # the same cases again with 100-byte buckets: many collectives, same result
     jobs += [("bucket_mb", 1e-4)] + [("case", c) for c in CASES if c["id"] in FEW] + [("count", COUNT[0])]
     return run_ranks(2, jobs, tmp_path_factory, fail="hang")
@@ -252,6 +259,17 @@ def test_collectives_do_not_grow_with_parameter_tensors(two_ranks):
     assert tiny[1] > EXPECTED_COLLECTIVES["val"], tiny
 
 
+def test_gradient_reduction_overlaps_the_hvp(two_ranks):
+    """autograd.grad calls ("g") and collectives ("c") of a val-mode step, in launch order:
+    reverse and fd launch the gradient's all-reduce before they take the HVP (the second
+    "g": double backward, or the fd probe's gradient), then the HVP's; forward makes both
+    together and reduces them at once; the validation gradient follows."""
+    want = {"reverse": "gcgcgc", "fd": "gcgcgc", "forward": "gcgc"}
+    for hvp, events in want.items():
+        for res in _by_case(two_ranks, f"order-{hvp}", "order"):
+            assert res == events, (hvp, res)
+
+
 def test_sync_off_keeps_replicas_independent(two_ranks):
     results = _by_case(two_ranks, "off")
     for r, res in enumerate(results):
@@ -295,6 +313,8 @@ def test_experiments_shard_batches_per_rank(two_ranks):
         assert res["slice"].tolist() == [3 * r, 3 * r + 1, 3 * r + 2]
         assert res["wrapped"] == "DistributedDataParallel"
         assert "does not split evenly over 2 ranks" in res["uneven"]
+        assert "ranks ended with different results" in res["disagree"], res["disagree"]
+        assert res["bn"].tolist() == [1.0, 1.0] and res["etas"].tolist() == [0.0] * 3
 
 
 @pytest.mark.parametrize("spawned", ["two_ranks", "three_ranks"])

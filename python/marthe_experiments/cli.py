@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2.add_argument("--configs", type=int, default=None, help="random-search samples per method")
     e2.add_argument("--seeds", type=int, default=None)
     e2.add_argument("--width", type=int, default=None, help="channels of the first block")
+    e2.add_argument("--batch-size", type=int, default=None,
+                    help="training batch (default 128; under torchrun: divisible by the process count)")
     return parser
 
 
@@ -155,9 +157,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = parallel.setup(_device(args.device))  # under torchrun: join the process group
-    if parallel.world_size() > 1 and args.command != "demo":
-        raise SystemExit(f"{args.command} under torchrun is not supported (its method grids and "
-                         f"LRS-OPT run one process); run it without torchrun, or run the demo")
     if not parallel.is_main():  # rank 0 reports; the others train silently
         sys.stdout = open(os.devnull, "w")
     progress = not args.no_progress and parallel.is_main()
@@ -193,17 +192,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             val_batch=args.val_batch, eval_every=args.eval_every, hvp=args.hvp,
                             hypergrad=args.hypergrad, marthe_options=args.marthe_options, seed=args.seed)
             run_e1(cfg, args.out, progress=progress, device=device)
-            print((args.out / "e1_table.md").read_text())
+            if parallel.is_main():  # the only rank that writes the table
+                print((args.out / "e1_table.md").read_text())
         else:
             from .e2 import e2_config, run_e2
 
             cfg = e2_config(args.preset, dataset=args.dataset, data_dir=args.data_dir, n_train=args.n_train,
                             n_val=args.n_val, n_test=args.n_test, models=args.models, protocols=args.protocols,
                             methods=args.methods, epochs=args.epochs, configs=args.configs, seeds=args.seeds,
-                            width=args.width, val_batch=args.val_batch, hvp=args.hvp, hypergrad=args.hypergrad,
-                            marthe_options=args.marthe_options, seed=args.seed)
+                            width=args.width, batch_size=args.batch_size, val_batch=args.val_batch, hvp=args.hvp,
+                            hypergrad=args.hypergrad, marthe_options=args.marthe_options, seed=args.seed)
             run_e2(cfg, args.out, progress=progress, device=device)
-            print((args.out / "e2_table.md").read_text())
+            if parallel.is_main():
+                print((args.out / "e2_table.md").read_text())
+        parallel.wait_for_all()
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

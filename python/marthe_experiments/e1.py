@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from . import parallel
 from .data import load_splits
 from .lrs_opt import Unroll, optimise_schedule
 from .methods import MethodSpec, Protocol, Trainer, from_preset, log_uniform
@@ -85,7 +86,8 @@ def e1_methods(cfg: E1Config) -> list[MethodSpec]:
 
 
 def run_e1(cfg: E1Config, out: Path, progress: bool = True, device: str = "cpu") -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+    """Every run, and (rank 0 only) the files in ``out``. Under torchrun each rank trains on
+    its slice of every batch (``parallel``); LRS-OPT runs whole on every rank (see below)."""
     data = load_splits(cfg.dataset, cfg.n_train, cfg.n_val, cfg.n_test, seed=cfg.seed,
                        data_dir=cfg.data_dir).to(device)
     torch.manual_seed(cfg.seed)
@@ -110,7 +112,7 @@ def run_e1(cfg: E1Config, out: Path, progress: bool = True, device: str = "cpu")
 
     def run(spec: MethodSpec, extra: Optional[dict] = None) -> dict:
         model = fresh_model()
-        trainer = Trainer(spec, model, protocol)
+        trainer = Trainer(spec, parallel.wrap(model), protocol)  # DDP under torchrun
         started = time.perf_counter()
         log = train_run(trainer, data.x_train, data.y_train, batches, val_batch=val_batch,
                         evaluator=lambda: evaluate(model, data.x_val, data.y_val),
@@ -119,6 +121,7 @@ def run_e1(cfg: E1Config, out: Path, progress: bool = True, device: str = "cpu")
         test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
         if log.diverged_at is not None:
             test_loss, test_acc = float("inf"), float("nan")
+        parallel.check_agree(spec.label, [log.val_loss[-1], test_loss, trainer.lr])
         return dict(family=spec.family, label=spec.label,
                     hp={k: v for k, v in spec.hp.items() if k != "schedule"},
                     lrs=log.lrs, eval_steps=log.eval_steps, val_loss_curve=log.val_loss,
@@ -135,6 +138,10 @@ def run_e1(cfg: E1Config, out: Path, progress: bool = True, device: str = "cpu")
         started = time.perf_counter()
         result = optimise_schedule(unroll, torch.full((cfg.steps,), cfg.eta0, dtype=torch.float64),
                                    cfg.lrs_iterations, method=cfg.lrs_method, progress=progress)
+        # Under torchrun every rank optimises the schedule on the whole data (no collective
+        # during a run that may outlast the process group's timeout); rank 0's schedule is
+        # then everyone's, in case the device's kernels do not round alike on every rank.
+        result.etas = parallel.broadcast_from_main(result.etas.to(device)).cpu()
         lrs_opt = dict(method=cfg.lrs_method, etas=result.etas, E_history=result.E_history, step_history=result.step_history,
                        iteration_seconds=result.seconds, forward_passes=result.forward_passes,
                        backward_passes=result.backward_passes, stopped=result.stopped,
@@ -150,7 +157,9 @@ def run_e1(cfg: E1Config, out: Path, progress: bool = True, device: str = "cpu")
     results = dict(config=asdict(cfg), device=device, data=dict(
         train=len(data.x_train), val=len(data.x_val), test=len(data.x_test), input_shape=data.input_shape),
         lrs_opt=lrs_opt, runs=runs, best={f: r["label"] for f, r in best.items()})
-    write_e1_outputs(results, best, out)
+    if parallel.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_e1_outputs(results, best, out)
     return results
 
 

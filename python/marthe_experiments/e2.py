@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from . import parallel
 from .data import load_splits
 from .methods import MethodSpec, Protocol, Trainer, availability, from_preset, log_uniform
 from .models import build_model
@@ -105,7 +106,8 @@ def sample_configs(method: str, protocol: str, model: str, cfg: E2Config) -> lis
 
 
 def run_e2(cfg: E2Config, out: Path, progress: bool = True, device: str = "cpu") -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+    """Every run, and (rank 0 only) the files in ``out``. Under torchrun each rank trains on
+    its slice of every batch (``parallel``)."""
     data = load_splits(cfg.dataset, cfg.n_train, cfg.n_val, cfg.n_test, seed=cfg.seed,
                        data_dir=cfg.data_dir).to(device)
     n = len(data.x_train)
@@ -120,7 +122,7 @@ def run_e2(cfg: E2Config, out: Path, progress: bool = True, device: str = "cpu")
                             blocks=cfg.resnet_blocks).to(device)
         protocol = Protocol(**PROTOCOLS[protocol_name], weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                             hvp=cfg.hvp, hypergrad=cfg.hypergrad, marthe_options=tuple(cfg.marthe_options))
-        trainer = Trainer(spec, model, protocol, decay_per="epoch")
+        trainer = Trainer(spec, parallel.wrap(model), protocol, decay_per="epoch")  # DDP under torchrun
         batches = batch_schedule(n, cfg.batch_size, steps, seed=seed).to(device)
         val_idx = batch_schedule(len(data.x_val), min(cfg.val_batch, len(data.x_val)), steps,
                                  seed=seed + 1).to(device)
@@ -134,6 +136,8 @@ def run_e2(cfg: E2Config, out: Path, progress: bool = True, device: str = "cpu")
                 test_loss, test_acc = evaluate(model, data.x_test, data.y_test, batch_size=500)
         else:
             test_loss, test_acc = float("inf"), float("nan")
+        parallel.check_agree(f"{model_name}/{protocol_name}/{spec.label}/seed {seed}",
+                             [log.val_loss[-1], test_loss, test_acc, log.lrs[-1]])
         idx, lrs = downsample(log.lrs, 512)
         return dict(model=model_name, protocol=protocol_name, family=spec.family, label=spec.label,
                     hp=dict(spec.hp), seed=seed, lr_steps=idx, lrs=lrs, eval_steps=log.eval_steps,
@@ -173,7 +177,9 @@ def run_e2(cfg: E2Config, out: Path, progress: bool = True, device: str = "cpu")
     results = dict(config=asdict(cfg), device=device, steps_per_epoch=steps_per_epoch,
                    data=dict(train=n, val=len(data.x_val), test=len(data.x_test), input_shape=data.input_shape),
                    summary=summary, skipped=skipped, runs=runs)
-    write_e2_outputs(results, curves, out)
+    if parallel.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_e2_outputs(results, curves, out)
     return results
 
 

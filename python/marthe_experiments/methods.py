@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 import marthe_ext
 
+from . import parallel
+
 HYPERGRAD_FAMILIES = ("HD", "RTHO", "MARTHE")
 SCHEDULE_FAMILIES = ("LRS-OPT", "Constant", "Exponential")
 LR_FREE_FAMILIES = ("SF-SGD", "SF-AdamW", "Prodigy")
@@ -202,6 +204,7 @@ class Trainer:
                 self.model.train()
                 with torch.no_grad():
                     recalibrate()
+        parallel.sync_buffers(self.model)  # torchrun: rank 0's BatchNorm statistics everywhere
         self.model.eval()
         try:
             yield
