@@ -39,7 +39,8 @@ import torch
 
 # Fragments of torch's messages for the two failures above (torch 2.5 - 2.13).
 _DOUBLE_BACKWARD = ("does not currently support double backward", "donated buffers")
-_FORWARD_MODE = ("must implement the jvp function",)
+# The second: inductor's generated code calls out= kernels, which have no forward-mode AD.
+_FORWARD_MODE = ("must implement the jvp function", "Trying to use forward AD with")
 
 EAGER_VARIANT = {"reverse": "reverse-eager", "forward": "forward-eager"}
 
@@ -84,6 +85,24 @@ def explained(name: str, engine: Callable) -> Callable:
                 f"hvp={name!r} needs {kind} AD through the closure, which torch cannot do through a "
                 f"torch.compile'd model{extra}: {_advice(name)}. torch said: {detail}") from exc
 
+    return run
+
+
+def explained_jvp_hypergrad(jvp_hypergrad: Callable) -> Callable:
+    """``hypergrad="jvp"`` raising CompiledModelError, with what to use instead, where the
+    validation closure runs compiled code (forward-mode AD cannot go through it)."""
+    @functools.wraps(jvp_hypergrad)
+    def run(*args, **kwargs):
+        try:
+            return jvp_hypergrad(*args, **kwargs)
+        except (RuntimeError, NotImplementedError) as exc:
+            if compile_failure_kind(exc) != "forward-mode":
+                raise
+            raise CompiledModelError(
+                "hypergrad='jvp' needs forward-mode AD through val_closure, which torch cannot do "
+                "through a torch.compile'd model (nor through an op without forward-mode support): "
+                "use hypergrad='grad' (the default, exact) or "
+                f"hypergrad='fd'. torch said: {str(exc).strip().splitlines()[0]}") from exc
     return run
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from .compiled import explained_jvp_hypergrad
 from .hvp import (
     RngReplay, _fd_step, call_closure, exact_float32, restored_buffers, swapped_parameters,
 )
@@ -34,6 +35,7 @@ def validation_gradient(val_closure: Callable[[], Tensor], params: Sequence[Tens
                 for g in torch.autograd.grad(loss, params, allow_unused=True)]
 
 
+@explained_jvp_hypergrad  # a compiled validation closure: a clear error naming the alternatives
 def jvp_hypergrad(val_closure, params: Sequence[Tensor], tangents: Sequence[Tensor], model) -> Tensor:
     with torch.no_grad(), fwAD.dual_level():
         duals = {id(p): fwAD.make_dual(p.detach(), z) for p, z in zip(params, tangents)}

@@ -142,3 +142,14 @@ def test_a_compiled_step_runs_eagerly_and_equals_the_eager_step():
     (s0, e0, w0), (s1, e1, w1) = runs
     assert float(s1) == 4.0 and torch.equal(s0, s1) and torch.equal(e0, e1) and float(e1) != 0.05
     assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+
+
+def test_jvp_hypergradient_of_a_compiled_validation_closure_is_a_clear_error():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    compiled = torch.compile(model)
+    opt = marthe_ext.Marthe(model.parameters(), lr=0.05, hypergrad="jvp", model=model, hvp="fd",
+                            backend="torch")
+    x, xv = torch.randn(8, 3), torch.randn(8, 3)
+    with pytest.raises(CompiledModelError, match="hypergrad='jvp'.*hypergrad='grad'"):
+        opt.step(lambda: compiled(x).pow(2).mean(), lambda: compiled(xv).pow(2).mean())
