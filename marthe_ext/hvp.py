@@ -276,6 +276,19 @@ def _grad(loss: Tensor, params: Sequence[Tensor], create_graph: bool = False) ->
     return list(torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True))
 
 
+def hvp_through_gradients(grads: Sequence[Optional[Tensor]], params: Sequence[Tensor],
+                          tangents: Sequence[Tensor]) -> Optional[list[Optional[Tensor]]]:
+    """``H Zw`` by a second backward through the graph of gradients taken with
+    ``create_graph=True`` (the "reverse" engine's, or ``.grad`` after
+    ``loss.backward(create_graph=True)``); None when no gradient carries a graph."""
+    idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    if not idx:
+        return None
+    with torch.enable_grad(), _profiling.phase("hvp"):
+        return list(torch.autograd.grad([grads[i] for i in idx], list(params),
+                                        grad_outputs=[tangents[i] for i in idx], allow_unused=True))
+
+
 def reverse_engine(closure, params, tangents, need_hvp: bool, model=None):
     with torch.enable_grad():
         with _profiling.phase("gradient"):
@@ -284,14 +297,9 @@ def reverse_engine(closure, params, tangents, need_hvp: bool, model=None):
         if not need_hvp:
             return loss.detach(), grads, None
         _gradients_ready(loss, grads)
-        idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        hvps: list[Optional[Tensor]] = [None] * len(params)
-        if idx:
-            with _profiling.phase("hvp"):
-                out = torch.autograd.grad(
-                    [grads[i] for i in idx], params,
-                    grad_outputs=[tangents[i] for i in idx], allow_unused=True)
-            hvps = list(out)
+        hvps = hvp_through_gradients(grads, params, tangents)
+        if hvps is None:  # no gradient depends on the weights: H Zw = 0
+            hvps = [None] * len(params)
     return loss.detach(), [None if g is None else g.detach() for g in grads], hvps
 
 

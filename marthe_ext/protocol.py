@@ -18,7 +18,6 @@ param groups and state; the rules for eta, beta and mu are the controller's.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections import defaultdict
 from typing import Callable, Optional, Sequence
 

@@ -88,10 +88,12 @@ group whose ``eta * lr_scale`` is 0 keeps its previous ``f_G`` (there is nothing
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+
+from .hvp import hvp_through_gradients
 
 __all__ = ["backward_gradients", "GroupStepSizes", "follow_eta"]
 
@@ -119,15 +121,12 @@ def backward_gradients(params: Sequence[Tensor], tangents: Sequence[Tensor], nee
             f"hvp={hvp!r} re-evaluates the loss, which opt.step() without a closure cannot "
             f"do: pass the loss as a closure (opt.step(closure)), or an hvp_closure, or use "
             f"hvp='reverse' (or 'auto') with loss.backward(create_graph=True)")
-    idx = [i for i, g in enumerate(raw) if g is not None and g.requires_grad]
-    if not idx:
+    hvps = hvp_through_gradients(raw, params, tangents)
+    if hvps is None:
         raise RuntimeError(
             "the HVP needs the graph: call loss.backward(create_graph=True) before opt.step() "
             "(no parameter's .grad carries an autograd graph; mu > 0 needs H Zw from it after "
             "the first step), or pass the loss as a closure: opt.step(closure)")
-    with torch.enable_grad():
-        hvps = list(torch.autograd.grad([raw[i] for i in idx], list(params),
-                                        grad_outputs=[tangents[i] for i in idx], allow_unused=True))
     return grads, hvps
 
 

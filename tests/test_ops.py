@@ -239,6 +239,7 @@ def test_compiled_update_path_equals_eager(backend, dtype):
     (eb, es, eetas), (cb, cs, cetas) = runs["eager"], runs["compiled"]
     assert len(set(eetas)) >= 4 and eetas[3] == eetas[2], eetas  # eta moves, not on the skip
     assert es["step"].item() == 5.0
+    assert cetas == eetas  # step by step, not only at the end
     _assert_identical(cb, eb)
     for k in SCALARS:
         assert torch.equal(cs[k], es[k]), (k, cs[k], es[k])

@@ -34,8 +34,8 @@ def digits(n_train=1200):
     return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
 
 
-class Classifier(MartheAutomaticOptimization, L.LightningModule):
-    """Automatic optimisation: the mixin routes the loss to Marthe's closure protocol."""
+class DigitsMLP(L.LightningModule):
+    """The network, the validation data and the optimizer the two styles share."""
 
     def __init__(self, val, lr=0.02):
         super().__init__()
@@ -45,6 +45,13 @@ class Classifier(MartheAutomaticOptimization, L.LightningModule):
 
     def forward(self, x):
         return self.net(x)
+
+    def configure_optimizers(self):
+        return marthe_ext.Marthe(self.parameters(), lr=self.lr, dynamics="adam", mu=0.99)
+
+
+class Classifier(MartheAutomaticOptimization, DigitsMLP):
+    """Automatic optimisation: the mixin routes the loss to Marthe's closure protocol."""
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -55,31 +62,19 @@ class Classifier(MartheAutomaticOptimization, L.LightningModule):
     def marthe_val_closure(self):  # MARTHE's validation mode: h from grad E(w_{t+1})
         return lambda: F.cross_entropy(self(self.x_val), self.y_val)
 
-    def configure_optimizers(self):
-        return marthe_ext.Marthe(self.parameters(), lr=self.lr, dynamics="adam", mu=0.99)
 
-
-class ManualClassifier(L.LightningModule):
+class ManualClassifier(DigitsMLP):
     """Manual optimisation: call the optimizer's step with MARTHE's closures yourself."""
 
     def __init__(self, val, lr=0.02):
-        super().__init__()
+        super().__init__(val, lr)
         self.automatic_optimization = False
-        self.x_val, self.y_val = val
-        self.lr = lr
-        self.net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
-
-    def forward(self, x):
-        return self.net(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = self.optimizers().step(closure=lambda: F.cross_entropy(self(x), y),
                                       val_closure=lambda: F.cross_entropy(self(self.x_val), self.y_val))
         self.log("train_loss", loss, prog_bar=True)
-
-    def configure_optimizers(self):
-        return marthe_ext.Marthe(self.parameters(), lr=self.lr, dynamics="adam", mu=0.99)
 
 
 def main(argv=None):
