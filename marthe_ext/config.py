@@ -95,6 +95,7 @@ class MartheConfig:
     hyper_lr_rprop: Optional[tuple[float, float]]
     hyper_lr_bounds: tuple[float, float]
     safeguards: Optional[str]
+    loss_trust: Optional[float] = None  # (e): tau of the loss trust region (controller.py)
     # The cheaper modes (README "Cheaper steps"): each drops part of the exact step on purpose.
     first_order: bool = False  # A_t with H_t = 0: no HVP at all
     hvp_every: int = 1  # the HVP only on steps t = 0 mod k, H_t = 0 on the others
@@ -122,7 +123,7 @@ class MartheConfig:
         hyper_lr_adapt, grad_clip, hvp, hypergrad, backend, max_lr_change, max_lr_growth,
         hypergrad_norm, hypergrad_norm_decay, max_tangent_ratio, hyper_lr_rprop,
         hyper_lr_bounds, safeguards, has_model: bool, first_order=False, hvp_every=1,
-        hypergrad_every=1, compile_lr_update=False,
+        hypergrad_every=1, compile_lr_update=False, loss_trust=None,
     ) -> "MartheConfig":
         if safeguards is not None and safeguards not in _safeguards.PRESETS:
             raise ValueError(f"safeguards must be None or one of {tuple(_safeguards.PRESETS)}, "
@@ -135,6 +136,8 @@ class MartheConfig:
             max_lr_growth = preset.get("max_lr_growth")
         if hyper_lr_rprop is None:
             hyper_lr_rprop = preset.get("hyper_lr_rprop")
+        if loss_trust is None:
+            loss_trust = preset.get("loss_trust")
         if hyper_lr is None:
             hyper_lr = _safeguards.DEFAULT_HYPER_LR["raw" if hypergrad_norm is None else "normalised"]
 
@@ -184,6 +187,8 @@ class MartheConfig:
                              "update from lr=0")
         hypergrad_norm_decay = check_number("hypergrad_norm_decay", hypergrad_norm_decay, 0.0, 1.0,
                                             high_open=True)
+        if loss_trust is not None:
+            loss_trust = check_number("loss_trust", loss_trust, 0.0, math.inf, low_open=True, high_open=True)
         if max_tangent_ratio is not None:
             max_tangent_ratio = check_number("max_tangent_ratio", max_tangent_ratio, 0.0, low_open=True)
         # The bounds are checked whether or not rprop uses them: a bad value is never kept silently.
@@ -217,4 +222,5 @@ class MartheConfig:
             max_tangent_ratio=max_tangent_ratio, hyper_lr_rprop=hyper_lr_rprop,
             hyper_lr_bounds=(low, high), safeguards=safeguards, first_order=first_order,
             hvp_every=hvp_every, hypergrad_every=hypergrad_every, compile_lr_update=compile_lr_update,
+            loss_trust=loss_trust,
         )

@@ -17,7 +17,7 @@ Every update is masked by ``ok`` (a device bool): a skipped step changes nothing
 .. math:: \eta \leftarrow \max(\eta - \beta h, 0)
 
 **Safeguards of the LR update** (``Marthe``'s default is the preset "robust" = (b) "rms-log"
-+ (a') 1.1 + (d) (0.5, 1.2); the tangent cap (c) is in ``safeguards.py``):
++ (a') 1.1 + (d) (0.5, 1.2) + (e) 0.5; the tangent cap (c) is in ``safeguards.py``):
 
 (a) ``max_lr_change = rho > 1``: :math:`\eta_{t+1} \in [\eta_t / \rho,\ \rho\, \eta_t]`.
 
@@ -47,6 +47,28 @@ Every update is masked by ``ok`` (a device bool): a skipped step changes nothing
     noise) shortens it. Comparing with the trend rather than with the previous h ignores
     the period-2 sign flips a tangent shows at a large LR, which would otherwise freeze
     beta at its floor (measured: the README's study). beta = 0 stays 0 (LR fixed).
+    beta holds on average where the agreement rate p satisfies
+    :math:`p \log(grow) + (1-p) \log(shrink) = 0`: 0.79 for the default (0.5, 1.2), 0.61
+    for (0.75, 1.2). Below it beta sinks to its floor and the LR freezes: pure noise
+    (p = 0.5) shrinks beta by about 23 % a step on average under (0.5, 1.2), 5 % under
+    (0.75, 1.2). On a BatchNorm CNN (a real but noisy trend, p about 0.6-0.75) the default
+    freezes the LR where (0.75, 1.2) keeps it decaying; on digits the same liveliness let
+    the LR creep up into an overshoot. So (0.75, 1.2) is an option, not the default
+    (measured: README, "The default's study").
+
+(e) ``loss_trust = tau > 0``: a trust region on the LR from the training loss the step sees
+    (the closure's loss, or ``step(loss=...)`` in backward style; none seen: inactive). With
+    :math:`\bar\ell_t` the bias-corrected running mean of the loss (decay 0.9),
+    :math:`\ell^*` its lowest value so far and :math:`\eta^*` the LR when it was reached:
+
+    .. math:: \bar\ell_t > \ell^* + \tau |\ell^*| \ \Rightarrow\
+              \eta_{t+1} \leftarrow \min(\eta_{t+1}, \eta^*), \quad
+              \beta_t \leftarrow \max(\text{shrink}\cdot\beta_t, \beta_{min})
+
+    (shrink from (d); beta unchanged without (d)). A hypergradient that keeps asking for a
+    larger LR while the loss climbs (measured: the digits collapse of issue 15, where h < 0
+    at an LR 5x past the best constant one) is overruled by the loss itself, and the LR goes
+    back to one that was training well. Rises within the band (mini-batch noise) change nothing.
 
 **The paper's beta adaptation** (``hyper_lr_adapt = alpha > 0``, after the LR update):
 :math:`\beta \leftarrow \max(\beta + \alpha\, h\, \eta_{new}, 0)`.
@@ -68,12 +90,15 @@ from torch import Tensor
 from .config import MartheConfig
 
 TREND_DECAY = 0.9  # (d): the hypergradient trend averages about the last 10 steps
+LOSS_DECAY = 0.9   # (e): the loss average spans about the last 10 steps
 
 # Checkpoint entries of the controller (the keys of ``HyperController.scalars``).
 SCALAR_KEYS = ("eta", "beta", "mu", "mu_counter", "step", "skipped", "last_hypergrad",
                "h_sq_avg", "h_count")
 # Added after the first checkpoints were written: absent from a state dict means its start value.
-SCALAR_KEYS_SINCE_V1 = ("h_trend",)
+SCALAR_KEYS_SINCE_V1 = ("h_trend", "loss_avg", "loss_count", "loss_best", "lr_at_best")
+# Start values that are not 0 (also what an older checkpoint without the entry loads as).
+START_VALUES = {"loss_best": math.inf}
 
 
 def normalized(x: Tensor, sq_avg: Tensor, count: Tensor, decay: float, ok: Tensor) -> Tensor:
@@ -135,14 +160,32 @@ def auto_mu(mu: Tensor, counter: Tensor, eta: Tensor, dot: Tensor) -> tuple[Tens
     return torch.pow(z, exponent), c_new
 
 
+def trust_broken(s: dict[str, Tensor], loss: Tensor, tau: float, ok: Tensor) -> Tensor:
+    """(e): update the loss statistics in place (where ok and the loss is finite) and return
+    whether the running loss is above its best by more than tau |best| (a device bool)."""
+    seen = ok & torch.isfinite(loss)
+    avg = torch.where(seen, LOSS_DECAY * s["loss_avg"] + (1 - LOSS_DECAY) * loss, s["loss_avg"])
+    count = s["loss_count"] + seen.to(s["loss_count"].dtype)
+    smoothed = avg / torch.clamp(1 - LOSS_DECAY ** count, min=1 - LOSS_DECAY)
+    improved = seen & (smoothed < s["loss_best"])
+    s["lr_at_best"].copy_(torch.where(improved, s["eta"], s["lr_at_best"]))
+    s["loss_best"].copy_(torch.where(improved, smoothed, s["loss_best"]))
+    s["loss_avg"].copy_(avg)
+    s["loss_count"].copy_(count)
+    # |best|: a loss may be negative (a log-likelihood); for a positive one this is (1 + tau) best.
+    return seen & (smoothed > s["loss_best"] + tau * torch.abs(s["loss_best"]))
+
+
 # The scalars one LR update reads and writes (the compiled update takes exactly these).
-LR_UPDATE_KEYS = ("eta", "beta", "last_hypergrad", "h_sq_avg", "h_count", "h_trend")
+LR_UPDATE_KEYS = ("eta", "beta", "last_hypergrad", "h_sq_avg", "h_count", "h_trend",
+                  "loss_avg", "loss_count", "loss_best", "lr_at_best")
 
 
-def lr_update_(cfg: MartheConfig, s: dict[str, Tensor], h: Tensor, ok: Tensor) -> None:
+def lr_update_(cfg: MartheConfig, s: dict[str, Tensor], h: Tensor, ok: Tensor, loss: Tensor) -> None:
     """One LR update from the hypergradient h, in place on the scalars ``s``: (d) adapts beta
-    first, then the paper's update or (a)/(a')/(b), then alpha's beta adaptation; nothing
-    changes where not ok. Pure tensor code with host constants from ``cfg`` (compilable)."""
+    first, then the paper's update or (a)/(a')/(b), then (e) from this step's training loss
+    (NaN: none seen), then alpha's beta adaptation; nothing changes where not ok. Pure
+    tensor code with host constants from ``cfg`` (compilable)."""
     beta = s["beta"]
     if cfg.hyper_lr_rprop is not None:
         beta = adapted_hyper_lr(
@@ -153,6 +196,12 @@ def lr_update_(cfg: MartheConfig, s: dict[str, Tensor], h: Tensor, ok: Tensor) -
     eta_new = next_lr(
         s["eta"], beta, h, norm=cfg.hypergrad_norm, sq_avg=s["h_sq_avg"], count=s["h_count"],
         decay=cfg.hypergrad_norm_decay, rho=cfg.max_lr_change, ok=ok, rho_up=cfg.max_lr_growth)
+    if cfg.loss_trust is not None:
+        broken = trust_broken(s, loss, cfg.loss_trust, ok)
+        eta_new = torch.where(broken, torch.minimum(eta_new, s["lr_at_best"]), eta_new)
+        if cfg.hyper_lr_rprop is not None:
+            shrunk = torch.clamp(s["beta"] * cfg.hyper_lr_rprop[0], min=cfg.hyper_lr_bounds[0])
+            s["beta"].copy_(torch.where(broken & (s["beta"] > 0), shrunk, s["beta"]))
     # A finite h can still overflow eta or beta (e.g. alpha's beta after a huge h, then
     # inf * 0 = NaN): a non-finite result is not applied, the value stays.
     if cfg.hyper_lr_adapt:
@@ -179,6 +228,10 @@ class HyperController:
             "h_sq_avg": torch.zeros((), **f64),
             "h_count": torch.zeros((), **f64),
             "h_trend": torch.zeros((), **f64),
+            "loss_avg": torch.zeros((), **f64),
+            "loss_count": torch.zeros((), **f64),
+            "loss_best": torch.tensor(START_VALUES["loss_best"], **f64),
+            "lr_at_best": torch.tensor(config.lr, **f64),
         }
         self._compiled_lr_update = None
         if config.compile_lr_update:
@@ -209,13 +262,16 @@ class HyperController:
     def count_skip(self, ok: Tensor) -> None:
         self.scalars["skipped"].add_((~ok).to(torch.int64))
 
-    def update_lr(self, h: Tensor, ok: Tensor) -> None:
-        """One LR update from the hypergradient h (``lr_update_``); with
-        ``compile_lr_update=True`` the same function compiled into one kernel (``fused_lr.py``)."""
+    def update_lr(self, h: Tensor, ok: Tensor, loss: Optional[Tensor] = None) -> None:
+        """One LR update from the hypergradient h and this step's training loss (None: not
+        seen, (e) does nothing) (``lr_update_``); with ``compile_lr_update=True`` the same
+        function compiled into one kernel (``fused_lr.py``)."""
+        loss = (torch.full_like(self.scalars["eta"], math.nan) if loss is None
+                else loss.detach().to(self.scalars["eta"]).reshape(()))
         if self._compiled_lr_update is not None:
-            self._compiled_lr_update(self.scalars, h, ok)
+            self._compiled_lr_update(self.scalars, h, ok, loss)
         else:
-            lr_update_(self.config, self.scalars, h, ok)
+            lr_update_(self.config, self.scalars, h, ok, loss)
 
     def update_mu(self, dot: Tensor, ok: Tensor) -> None:
         """mu="auto": the authors' rule from ``dot = <grad E, g_c>`` (after the LR update)."""
@@ -246,5 +302,7 @@ class HyperController:
         for k in SCALAR_KEYS_SINCE_V1:
             if k in meta:
                 self.scalars[k].copy_(meta[k])
+            elif k == "lr_at_best":
+                self.scalars[k].copy_(self.scalars["eta"])
             else:
-                self.scalars[k].zero_()
+                self.scalars[k].fill_(START_VALUES.get(k, 0.0))

@@ -24,16 +24,16 @@ from .config import MartheConfig
 from .controller import LR_UPDATE_KEYS, lr_update_
 
 
-def compiled_lr_update(config: MartheConfig) -> Callable[[dict, Tensor, Tensor], None]:
-    """``update(scalars, h, ok)``: ``lr_update_(config, scalars, h, ok)``, compiled."""
+def compiled_lr_update(config: MartheConfig) -> Callable[[dict, Tensor, Tensor, Tensor], None]:
+    """``update(scalars, h, ok, loss)``: ``lr_update_(config, scalars, h, ok, loss)``, compiled."""
 
-    def body(s: dict, h: Tensor, ok: Tensor) -> None:
-        lr_update_(config, s, h, ok)
+    def body(s: dict, h: Tensor, ok: Tensor, loss: Tensor) -> None:
+        lr_update_(config, s, h, ok, loss)
 
     compiled = torch.compile(body, fullgraph=True, dynamic=False)
 
-    def update(scalars: dict[str, Tensor], h: Tensor, ok: Tensor) -> None:
+    def update(scalars: dict[str, Tensor], h: Tensor, ok: Tensor, loss: Tensor) -> None:
         compiled({k: scalars[k].view(1) for k in LR_UPDATE_KEYS},
-                 h.to(scalars["eta"].dtype).reshape(1), ok.reshape(1))
+                 h.to(scalars["eta"].dtype).reshape(1), ok.reshape(1), loss.reshape(1))
 
     return update

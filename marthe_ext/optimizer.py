@@ -101,9 +101,9 @@ class Marthe(torch.optim.Optimizer):
             defaults suit "rms-log", where beta is a relative step). Needs
             ``hypergrad_norm``; ``hyper_lr`` is then only the first meta step.
         safeguards: a preset, "robust" (the default) | None. "robust" sets ``hypergrad_norm="rms-log"``,
-            ``max_lr_growth=1.1``, ``hyper_lr_rprop=(0.5, 1.2)`` unless given (the safeguard
-            study's recommendation). None with no safeguard option is the faithful algorithm
-            of SPEC section 2.
+            ``max_lr_growth=1.1``, ``hyper_lr_rprop=(0.5, 1.2)``, ``loss_trust=0.5`` unless
+            given (the safeguard study's and issue 15's study's recommendation). None with no
+            safeguard option is the faithful algorithm of SPEC section 2.
             See ``marthe_ext.controller`` for the maths of each.
         model: the ``nn.Module`` whose parameters are optimized. Needed by ``hvp="forward"``
             and ``hypergrad="jvp"`` (they place dual parameters in it) and used by
@@ -128,6 +128,10 @@ class Marthe(torch.optim.Optimizer):
         compile_lr_update: run the LR update (every safeguard) as one ``torch.compile``d
             function, one kernel instead of ~57 small ops (``marthe_ext.fused_lr``); the
             same maths, equal to float64 rounding. The first step compiles (seconds).
+        loss_trust: tau > 0, safeguard (e): while the running training loss is above its
+            best so far by more than tau |best|, the LR may not exceed the LR it had at that
+            best, and (d)'s beta shrinks. It sees the closure's loss; in backward style pass
+            ``opt.step(loss=loss)``, else it is inactive.
 
     ``step(closure, val_closure=None)``: ``closure()`` returns the training loss and does
     NOT call backward (the optimizer differentiates it). Without ``val_closure`` the
@@ -170,6 +174,7 @@ class Marthe(torch.optim.Optimizer):
         hvp_every: int = 1,
         hypergrad_every: int = 1,
         compile_lr_update: bool = False,
+        loss_trust: Optional[float] = None,
     ):
         check_process_group(process_group)
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -182,7 +187,8 @@ class Marthe(torch.optim.Optimizer):
             hypergrad_norm_decay=hypergrad_norm_decay, max_tangent_ratio=max_tangent_ratio,
             hyper_lr_rprop=hyper_lr_rprop, hyper_lr_bounds=hyper_lr_bounds, safeguards=safeguards,
             has_model=model is not None, first_order=first_order, hvp_every=hvp_every,
-            hypergrad_every=hypergrad_every, compile_lr_update=compile_lr_update)
+            hypergrad_every=hypergrad_every, compile_lr_update=compile_lr_update,
+            loss_trust=loss_trust)
         self.model = model
         super().__init__(params, dict(lr_scale=1.0, weight_decay=self.config.weight_decay))
         if model is not None:
@@ -212,6 +218,7 @@ class Marthe(torch.optim.Optimizer):
     max_tangent_ratio = property(lambda self: self.config.max_tangent_ratio)
     hyper_lr_rprop = property(lambda self: self.config.hyper_lr_rprop)
     hyper_lr_bounds = property(lambda self: self.config.hyper_lr_bounds)
+    loss_trust = property(lambda self: self.config.loss_trust)
     first_order = property(lambda self: self.config.first_order)
     hvp_every = property(lambda self: self.config.hvp_every)
     hypergrad_every = property(lambda self: self.config.hypergrad_every)
@@ -325,20 +332,25 @@ class Marthe(torch.optim.Optimizer):
     @torch.compiler.disable
     def step(self, closure: Optional[Callable[[], Tensor]] = None,
              val_closure: Optional[Callable[[], Tensor]] = None, *,
-             hvp_closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+             hvp_closure: Optional[Callable[[], Tensor]] = None,
+             loss: Optional[Tensor] = None) -> Optional[Tensor]:
         """One MARTHE step; returns the training loss (detached), or None without a closure.
 
         Without ``closure`` (backward style, see ``marthe_ext.training_loop``): the gradient
         is ``.grad`` after ``loss.backward()``, the HVP comes from the graph kept by
         ``loss.backward(create_graph=True)`` (needed when mu > 0, after the first step), and
-        ``opt.step(val_closure=...)`` gives the validation hypergradient.
+        ``opt.step(val_closure=...)`` gives the validation hypergradient. ``loss=`` (the
+        loss you called backward on, optional) lets the step see it as a closure's loss:
+        checked for finiteness, averaged over data-parallel ranks, used by safeguard (e)
+        ``loss_trust`` (the default's), and returned.
 
         ``hvp_closure`` (optional, an approximation): a loss on a sub-batch of this step's
         batch; the HVP is then taken on it instead of the full batch (H estimated on fewer
         samples, cheaper), while the gradient still comes from ``closure``. Module buffers
         (BatchNorm statistics) changed by it are restored, so they move once per step.
         """
-        loss = self._protocol.step(self.param_groups, self.state, closure, val_closure, hvp_closure)
+        loss = self._protocol.step(self.param_groups, self.state, closure, val_closure, hvp_closure,
+                                   backward_loss=loss)
         if self._protocol.device.type == "cpu":  # reading a CPU flag costs no device sync
             self._warn_if_skipped()
         return loss

@@ -108,8 +108,9 @@ class StepProtocol:
 
     # ------------------------------------------------------------------ the step
     def step(self, param_groups: list[dict], state: dict, closure, val_closure,
-             hvp_closure) -> Optional[Tensor]:
-        """Returns the training loss (detached), None in backward style (no closure)."""
+             hvp_closure, backward_loss: Optional[Tensor] = None) -> Optional[Tensor]:
+        """Returns the training loss (detached); in backward style (no closure) the
+        ``backward_loss`` the caller gave, or None."""
         cfg, ctl = self.config, self.controller
         if closure is not None and not callable(closure):
             raise TypeError("closure must be a callable returning the training loss (it must not "
@@ -120,6 +121,12 @@ class StepProtocol:
             raise TypeError("hvp_closure must be a callable returning a sub-batch training loss")
         if cfg.mu_auto and val_closure is None:
             raise ValueError("mu='auto' needs val_closure (it uses the validation gradient)")
+        if backward_loss is not None:
+            if closure is not None:
+                raise ValueError("pass the loss either as a closure or as loss= (backward style), not both")
+            if not isinstance(backward_loss, Tensor) or backward_loss.numel() != 1:
+                raise TypeError(f"loss= must be the scalar loss tensor you called backward on, "
+                                f"got {type(backward_loss).__name__}")
         if cfg.first_order and hvp_closure is not None:
             raise ValueError("hvp_closure is unused with first_order=True (no HVP is taken): drop it")
         backend = self.backend
@@ -142,7 +149,7 @@ class StepProtocol:
         hvp_from_closure = hvp_closure is not None and need_hvp
         started: list = []  # the gradient's reduction, when launched before the HVP
         if closure is None:  # backward style: .grad and its graph (training_loop.py)
-            loss = None
+            loss = None if backward_loss is None else backward_loss.detach().reshape(())
             grads, hvps = backward_gradients(params, [z.to(p.dtype) for p, z in zip(params, tangents)],
                                              need_hvp and not hvp_from_closure, cfg.hvp)
         else:
@@ -182,7 +189,7 @@ class StepProtocol:
                 if unused is not None:
                     h = h - unused.hypergrad_correction(parts, backend, cfg.grad_clip)
                 ok = ok & torch.isfinite(h)
-                ctl.update_lr(h, ok)
+                ctl.update_lr(h, ok, loss)
 
         # auto-mu weighs grad E against this step's gc = clip(g + wd w_t): the coupled L2 term
         # needs w_t, which the update is about to overwrite.
@@ -213,7 +220,7 @@ class StepProtocol:
             with _profiling.phase("hypergradient"):
                 h, grad_e = self._validation_hypergrad(val_closure, params, tangents)
                 ok = ok & torch.isfinite(h)
-                ctl.update_lr(h, ok)
+                ctl.update_lr(h, ok, loss)
                 if cfg.mu_auto:
                     ctl.update_mu(self._dot_val_train(grad_e, mu_grads), ok)
         ctl.count_skip(ok)

@@ -138,7 +138,9 @@ def train(case: dict, model, net, opt, rank: int, world: int, first: int, steps:
         with net.no_sync() if style == "backward-no_sync" else contextlib.nullcontext():
             loss = closure()
             loss.backward(create_graph=True)
-        opt.step(val_closure=val)  # returns None: each rank's loss is its own, not recorded
+        # loss=: the step averages it over the ranks (as a closure's), returns it and feeds
+        # the default's loss trust region with it, so the run equals the closure style's
+        losses.append(opt.step(val_closure=val, loss=loss))
 
 
 def run_case(case: dict, rank: int, world: int) -> dict:

@@ -24,11 +24,13 @@ CONFIGS = {
     "paper+alpha": dict(hyper_lr=1e-3, hyper_lr_adapt=1e-2),
     "rms+change": dict(hypergrad_norm="rms", max_lr_change=1.5, hyper_lr=1e-3),
     "robust+change": dict(safeguards="robust", max_lr_change=1.3),
+    "robust+trust": dict(safeguards="robust", loss_trust=0.2),
 }
 
 
 def _hypergradients(n=60):
-    """Signs, magnitudes over 12 decades, zeros, and non-finite values on skipped steps."""
+    """(h, ok, loss): signs, magnitudes over 12 decades, zeros, non-finite values on skipped
+    steps; a loss that falls, rises past (e)'s band and falls again, sometimes unseen (None)."""
     gen = torch.Generator().manual_seed(1)
     out = []
     for i in range(n):
@@ -39,7 +41,8 @@ def _hypergradients(n=60):
             h = 0.0
         if i % 17 == 8:
             h, ok = math.nan, False  # the protocol marks a non-finite h as a skipped step
-        out.append((h, ok))
+        loss = None if i % 11 == 3 else 1.0 / (1 + i) + (2.0 if 20 <= i < 35 else 0.0)
+        out.append((h, ok, loss))
     return out
 
 
@@ -50,10 +53,11 @@ def test_compiled_lr_update_equals_the_reference(name):
     fused = HyperController(MartheConfig.from_arguments(**opts, compile_lr_update=True), torch.device("cpu"))
     assert fused._compiled_lr_update is not None
     etas = []
-    for h, ok in _hypergradients():
+    for h, ok, loss in _hypergradients():
         h_t, ok_t = torch.tensor(h, dtype=torch.float64), torch.tensor(ok)
-        ref.update_lr(h_t, ok_t)
-        fused.update_lr(h_t, ok_t)
+        loss_t = None if loss is None else torch.tensor(loss, dtype=torch.float32)
+        ref.update_lr(h_t, ok_t, loss_t)
+        fused.update_lr(h_t, ok_t, loss_t)
         for key, want in ref.scalars.items():
             torch.testing.assert_close(fused.scalars[key], want, rtol=1e-13, atol=0.0, equal_nan=True,
                                        msg=f"{key} after h={h}, ok={ok}")

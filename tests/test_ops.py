@@ -18,7 +18,7 @@ import torch
 from marthe_ext import ops
 from marthe_ext.backends.api import STATE_NAMES, GroupBuffers, GroupOptions, make_coeffs
 from marthe_ext.config import MartheConfig
-from marthe_ext.controller import lr_update_
+from marthe_ext.controller import HyperController, lr_update_
 from required_backends import backend_or_skip
 
 F64 = dict(dtype=torch.float64)
@@ -173,16 +173,14 @@ CFG = MartheConfig.from_arguments(
     hypergrad="grad", backend="torch", max_lr_change=None, max_lr_growth=None,
     hypergrad_norm=None, hypergrad_norm_decay=0.99, max_tangent_ratio=None, hyper_lr_rprop=None,
     hyper_lr_bounds=(1e-6, 0.1), safeguards="robust", has_model=False)
-SCALARS = ("eta", "beta", "mu", "last_hypergrad", "h_sq_avg", "h_count", "h_trend", "step")
+# Step t's training loss: falls, then climbs past the default's loss trust region (e) at t = 4.
+LOSSES = (1.0, 0.8, 0.7, 0.6, 5.0, 6.0)
 
 
 def _scalars(device="cpu"):
-    """The controller's scalars the update path uses, as ``(1,)`` float64 device tensors."""
-    out = {k: torch.zeros(1, dtype=torch.float64, device=device) for k in SCALARS}
-    out["eta"].fill_(CFG.lr)
-    out["beta"].fill_(CFG.hyper_lr)
-    out["mu"].fill_(CFG.mu)
-    return out
+    """The controller's scalars at their start values, as ``(1,)`` float64 device tensors."""
+    start = HyperController(CFG, torch.device("cpu")).scalars
+    return {k: v.reshape(1).to(device=device, copy=True) for k, v in start.items()}
 
 
 def _load_step_inputs(bufs, t):
@@ -197,9 +195,9 @@ def _load_step_inputs(bufs, t):
         bufs.grads[1].fill_(math.inf)
 
 
-def _update_path(backend, opts, bufs, scalars, lr_scale=0.5):
+def _update_path(backend, opts, bufs, scalars, loss, lr_scale=0.5):
     """One train-mode step's update path through the ops: the finite flag, h, the LR update
-    (the robust safeguards: rprop, rms-log, growth cap), Adam's coefficients, the update.
+    (the robust safeguards: rprop, rms-log, growth cap, loss trust), Adam's coefficients, the update.
 
     Scalars are ``(1,)`` tensors: compiled code drops in-place writes to 0-dim CPU inputs
     (see fused_lr.py)."""
@@ -207,7 +205,7 @@ def _update_path(backend, opts, bufs, scalars, lr_scale=0.5):
     h = ops.clipped_dot(backend, bufs.grads, bufs.tangents, clip=opts.grad_clip,
                         a_extra=bufs.params, a_extra_scale=opts.coupled_weight_decay)
     ok = ok & torch.isfinite(h)
-    lr_update_(CFG, scalars, h.to(torch.float64).reshape(1), ok.reshape(1))
+    lr_update_(CFG, scalars, h.to(torch.float64).reshape(1), ok.reshape(1), loss)
     step_k = scalars["step"] + ok.to(torch.float64)
     scalars["step"].copy_(step_k)
     coeffs = make_coeffs(eta=scalars["eta"].reshape(()), mu=scalars["mu"].reshape(()),
@@ -233,7 +231,7 @@ def test_compiled_update_path_equals_eager(backend, dtype):
         etas = []
         for t in range(6):
             _load_step_inputs(bufs, t)
-            fn(backend, opts, bufs, scalars)
+            fn(backend, opts, bufs, scalars, torch.tensor([LOSSES[t]], dtype=torch.float64))
             etas.append(scalars["eta"].item())
         runs[mode] = (bufs, scalars, etas)
     (eb, es, eetas), (cb, cs, cetas) = runs["eager"], runs["compiled"]
@@ -241,5 +239,7 @@ def test_compiled_update_path_equals_eager(backend, dtype):
     assert es["step"].item() == 5.0
     assert cetas == eetas  # step by step, not only at the end
     _assert_identical(cb, eb)
-    for k in SCALARS:
+    # the loss trust region held eta at or below the LR of the best loss once the loss climbed
+    assert es["loss_best"].item() < LOSSES[0] and max(eetas[4:]) <= es["lr_at_best"].item()
+    for k in es:
         assert torch.equal(cs[k], es[k]), (k, cs[k], es[k])

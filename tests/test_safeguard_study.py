@@ -110,15 +110,16 @@ def test_rejects_another_problem_in_the_same_directory(tmp_path):
 
 
 def test_the_studied_default_is_the_library_default():
-    """The README's claim: the variant "rms-log+growth+rprop" is Marthe's default preset."""
+    """The README's claim: the variant "robust-2" (issue 15's study's default) is Marthe's
+    default preset; until 2026-12-01 it was "rms-log+growth+rprop"."""
     import torch
 
     import marthe_ext
 
     w = [torch.nn.Parameter(torch.zeros(2))]
-    studied = marthe_ext.Marthe(w, safeguards=None, **study.VARIANTS["rms-log+growth+rprop"])
+    studied = marthe_ext.Marthe(w, safeguards=None, **study.VARIANTS["robust-2"])
     default = marthe_ext.Marthe(w)
     keys = ("hypergrad_norm", "hypergrad_norm_decay", "max_lr_growth", "max_lr_change", "max_tangent_ratio",
-            "hyper_lr_rprop", "hyper_lr_bounds")
+            "hyper_lr_rprop", "hyper_lr_bounds", "loss_trust")
     assert {k: getattr(studied, k) for k in keys} == {k: getattr(default, k) for k in keys}
     assert study.VARIANTS["rprop-beta-max-1"]["hyper_lr_bounds"] == (1e-6, 1.0)

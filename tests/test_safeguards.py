@@ -158,6 +158,7 @@ def test_growth_bound_holds_and_leaves_decreases_free():
 
 
 RPROP = dict(hypergrad_norm="rms-log", max_lr_growth=1.1, hyper_lr_rprop=(0.5, 1.2))
+ROBUST = dict(RPROP, loss_trust=0.5)
 
 
 def test_meta_step_follows_the_sign_agreement_rule_every_step():
@@ -257,7 +258,7 @@ def test_meta_step_arguments_are_validated():
 
 def test_robust_preset_is_the_same_as_its_options_given_one_by_one():
     preset, _ = run(steps=30, safeguards="robust", hyper_lr=1e-3)
-    explicit, _ = run(steps=30, hyper_lr=1e-3, **RPROP)
+    explicit, _ = run(steps=30, hyper_lr=1e-3, **ROBUST)
     for a, b in zip(preset, explicit):
         assert a["eta"] == b["eta"] and a["beta"] == b["beta"] and torch.equal(a["w"], b["w"])
 
@@ -265,12 +266,14 @@ def test_robust_preset_is_the_same_as_its_options_given_one_by_one():
 def test_preset_fills_only_the_options_not_given():
     w = [torch.nn.Parameter(torch.zeros(2))]
     opt = marthe_ext.Marthe(w, safeguards="robust")
-    assert (opt.hypergrad_norm, opt.max_lr_growth, opt.hyper_lr_rprop) == ("rms-log", 1.1, (0.5, 1.2))
+    assert (opt.hypergrad_norm, opt.max_lr_growth, opt.hyper_lr_rprop, opt.loss_trust) == \
+        ("rms-log", 1.1, (0.5, 1.2), 0.5)
     assert opt.hyper_lr == 1e-3 and opt.safeguards == "robust"
     opt = marthe_ext.Marthe(w, safeguards="robust", max_lr_growth=1.5, hypergrad_norm="rms", hyper_lr=0.1)
     assert (opt.hypergrad_norm, opt.max_lr_growth, opt.hyper_lr) == ("rms", 1.5, 0.1)
     faithful = marthe_ext.Marthe(w, safeguards=None)
-    assert (faithful.hypergrad_norm, faithful.max_lr_growth, faithful.hyper_lr_rprop) == (None, None, None)
+    assert (faithful.hypergrad_norm, faithful.max_lr_growth, faithful.hyper_lr_rprop,
+            faithful.loss_trust) == (None, None, None, None)
     assert faithful.hyper_lr == 1e-6
     with pytest.raises(ValueError, match="safeguards must be None or one of"):
         marthe_ext.Marthe(w, safeguards="safe")

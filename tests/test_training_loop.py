@@ -83,8 +83,10 @@ def _backward_run(model, opt, data, val, mu):
     for t, (x, y) in enumerate(data):
         opt.zero_grad()
         # No graph where no HVP is needed: HD (mu = 0) and the first step.
-        loss_fn(model, x, y).backward(create_graph=mu != 0 and t > 0)
-        assert opt.step(val_closure=val) is None
+        loss = loss_fn(model, x, y)
+        loss.backward(create_graph=mu != 0 and t > 0)
+        # loss=: the step sees the loss as a closure's (the default's safeguard (e) uses it)
+        assert torch.equal(opt.step(val_closure=val, loss=loss), loss.detach())
 
 
 @pytest.mark.parametrize("mode", ["train", "val"])
@@ -165,8 +167,9 @@ def test_hvp_closure_with_plain_backward_equals_the_closure_path():
     for x, y in data:
         opt_c.step(lambda: loss_fn(model_c, x, y), hvp_closure=lambda: loss_fn(model_c, x[:6], y[:6]))
         opt_b.zero_grad()
-        loss_fn(model_b, x, y).backward()
-        opt_b.step(hvp_closure=lambda: loss_fn(model_b, x[:6], y[:6]))
+        loss = loss_fn(model_b, x, y)
+        loss.backward()
+        opt_b.step(hvp_closure=lambda: loss_fn(model_b, x[:6], y[:6]), loss=loss)
     assert_same_run(model_c, opt_c, model_b, opt_b)
 
 
@@ -265,8 +268,9 @@ def test_zero_grad_without_set_to_none_equals_the_closure_path():
     for x, y in data:
         opt_c.step(lambda: loss_fn(model_c, x, y))
         opt_b.zero_grad(set_to_none=False)
-        loss_fn(model_b, x, y).backward(create_graph=True)
-        opt_b.step()
+        loss = loss_fn(model_b, x, y)
+        loss.backward(create_graph=True)
+        opt_b.step(loss=loss)
     assert_same_run(model_c, opt_c, model_b, opt_b)
 
 

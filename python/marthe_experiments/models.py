@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-MODELS = ("mlp", "vgg", "resnet")
+MODELS = ("mlp", "cnn", "vgg", "resnet")
 
 # Channels of the first block in the published VGG-11 and ResNet-18.
 PUBLISHED_WIDTH = 64
@@ -40,6 +40,21 @@ def mlp(in_features: int = 784, hidden: Sequence[int] = (500, 500, 500),
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
     layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def small_cnn(in_channels: int = 1, num_classes: int = 10, width: int = 16) -> nn.Module:
+    """Three 3x3 conv-BatchNorm-ReLU blocks (width, 2 width, 2 width channels), 2x2 max-pools
+    after the first two, global average pooling and a linear classifier: an E2-style BN CNN
+    that trains Fashion-MNIST in about a minute per run on one CPU core (issue 15's study)."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for i, out in enumerate((width, 2 * width, 2 * width)):
+        layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+        if i < 2:
+            layers.append(nn.MaxPool2d(2))
+        channels = out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
     return nn.Sequential(*layers)
 
 
@@ -128,6 +143,8 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *,
     c, h, w = input_shape
     if name == "mlp":
         return mlp(c * h * w, hidden, num_classes)
+    if name == "cnn":
+        return small_cnn(c, num_classes, width=width)
     if name == "vgg":
         return VGG(c, num_classes, width=width, image_size=min(h, w))
     if name == "resnet":

@@ -74,6 +74,11 @@ VARIANTS: dict[str, dict] = {
     "rms-log+growth+rprop": {"hypergrad_norm": "rms-log", "hypergrad_norm_decay": 0.99, "max_lr_growth": 1.1,
                              "hyper_lr_rprop": (0.5, 1.2), "hyper_lr_bounds": (1e-6, 0.1)},
 }
+# Issue 15's default (safeguards="robust" since 2026-12-01, spelled out): the above plus (e),
+# the loss trust region (a climbing training loss caps the LR at the LR of the best loss);
+# and the candidate that also balanced (d) at a sign agreement of 61 % instead of 79 %.
+VARIANTS["robust-2"] = dict(VARIANTS["rms-log+growth+rprop"], loss_trust=0.5)
+VARIANTS["robust-2+rprop0.75"] = dict(VARIANTS["robust-2"], hyper_lr_rprop=(0.75, 1.2))
 # The first version of (d), run first: with a cap of 1 single spikes cut eta 20-80x at once
 # and it took hundreds of steps to climb back.
 VARIANTS["rprop-beta-max-1"] = dict(VARIANTS["rms-log+growth+rprop"], hyper_lr_bounds=(1e-6, 1.0))

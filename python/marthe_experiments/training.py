@@ -58,11 +58,13 @@ def train_run(trainer: Trainer, x: Tensor, y: Tensor, batches: Tensor, *,
               val_batch: Optional[Callable[[int], tuple[Tensor, Tensor]]],
               evaluator: Callable[[], tuple[float, float]],
               eval_every: int, steps_per_epoch: Optional[int] = None,
-              progress: bool = True, desc: str = "") -> RunLog:
+              progress: bool = True, desc: str = "", val_bn: str = "train") -> RunLog:
     """Run ``len(batches)`` steps of ``trainer`` on (x, y).
 
     ``val_batch(t)`` gives the validation examples the hypergradient methods use at step t
-    (None: they use the training loss, HD style). ``evaluator()`` returns (val loss, val
+    (None: they use the training loss, HD style); with BatchNorm, ``val_bn`` says how that
+    validation loss normalises: "train" (batch statistics, running ones left unchanged) or
+    "eval" (the running statistics, as ``evaluator`` sees them). ``evaluator()`` returns (val loss, val
     acc) and is called with the trainer's evaluation weights every ``eval_every`` steps
     and at the end. A non-finite training loss stops the run (``diverged_at``).
     """
@@ -91,7 +93,7 @@ def train_run(trainer: Trainer, x: Tensor, y: Tensor, batches: Tensor, *,
         def train_loss() -> Tensor:
             return F.cross_entropy(model(xb), yb)
 
-        val_loss = _val_closure(model, *val_batch(t), bn) if uses_val else None
+        val_loss = _val_closure(model, *val_batch(t), bn, val_bn) if uses_val else None
         log.lrs.append(trainer.lr)
         loss = trainer.step(train_loss, val_loss)
         log.train_loss.append(loss)
@@ -118,10 +120,19 @@ def train_run(trainer: Trainer, x: Tensor, y: Tensor, batches: Tensor, *,
     return log
 
 
-def _val_closure(model: nn.Module, xv: Tensor, yv: Tensor, bn: bool) -> Callable[[], Tensor]:
+def _val_closure(model: nn.Module, xv: Tensor, yv: Tensor, bn: bool, val_bn: str = "train") -> Callable[[], Tensor]:
+    if val_bn not in ("train", "eval"):
+        raise ValueError(f"val_bn must be 'train' or 'eval', got {val_bn!r}")
+
     def val_loss() -> Tensor:
         if not bn:
             return F.cross_entropy(model(xv), yv)
+        if val_bn == "eval":
+            model.eval()
+            try:
+                return F.cross_entropy(model(xv), yv)
+            finally:
+                model.train()
         with marthe_ext.preserved_buffers(model):
             return F.cross_entropy(model(xv), yv)
 

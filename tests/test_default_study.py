@@ -1,0 +1,96 @@
+"""Issue 15's study (python/marthe_experiments/default_study.py): its verdicts on hand-made
+runs (collapse, far from its own best, frozen LR, the comparison with the best baseline),
+and the whole pipeline -- runs, resume, tables, figures -- on a tiny setup."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from marthe_experiments import default_study as study
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(method, config, seed, E, lrs=(0.1,) * 5):
+    return dict(setup="s", method=method, config=config, seed=seed, E=E, lrs=list(lrs))
+
+
+def test_summary_counts_collapses_far_runs_and_compares_with_the_best_baseline():
+    runs = [_run("robust-2", "beta=0.001", 0, 0.10), _run("robust-2", "beta=0.001", 1, 0.12),
+            _run("robust-2", "beta=0.1", 0, None), _run("robust-2", "beta=0.1", 1, 0.20),
+            _run("robust-2", "beta=0.01", 0, 0.14), _run("robust-2", "beta=0.01", 1, 0.12),
+            _run("Constant", "lr=0.1", 0, 0.10), _run("Constant", "lr=0.1", 1, 0.10),
+            _run("Constant", "lr=1", 0, 2.3), _run("Constant", "lr=1", 1, 0.05),
+            _run("SF", "lr=0.3", 0, 0.125), _run("SF", "lr=0.3", 1, 0.125)]
+    summ = study.setup_summary(runs, ["robust-2"])
+    assert summ["baselines"]["Constant"] == (pytest.approx(0.10), "lr=0.1", 2)  # mean over seeds
+    assert summ["best_baseline"] == pytest.approx(0.10)
+    row = summ["variants"]["robust-2"]
+    assert row["means"]["beta=0.1"] == math.inf                # a diverged seed makes its beta inf
+    assert row["best"] == pytest.approx(0.11) and row["median"] == pytest.approx(0.13)
+    assert row["collapses"] == 1 and row["far"] == 1            # None; 0.20 > 1.5 x 0.12 (seed 1's best)
+    assert row["best_vs_baseline"] == pytest.approx(0.1)
+
+
+def test_far_compares_a_run_with_the_best_beta_of_its_own_seed():
+    # seed 1's split is harder: 0.16 and 0.18 are > 1.5 x seed 0's best, not far from seed 1's
+    runs = [_run("robust-2", "beta=0.001", 0, 0.10), _run("robust-2", "beta=0.1", 0, 0.16),
+            _run("robust-2", "beta=0.001", 1, 0.16), _run("robust-2", "beta=0.1", 1, 0.18)]
+    row = study.setup_summary(runs, ["robust-2"])["variants"]["robust-2"]
+    assert row["far"] == 1                                      # only seed 0's 0.16
+    assert math.isnan(row["best_vs_baseline"]) and study._pct(row["best_vs_baseline"]) == "-"
+
+
+def test_decay_share_counts_positive_hypergradients_among_the_nonzero_ones():
+    assert study.decay_share([1.0, -2.0, 0.0, 3.0, float("nan")]) == pytest.approx(2 / 3)
+    assert math.isnan(study.decay_share([0.0, 0.0]))
+
+
+def test_frozen_means_no_relative_move_over_the_window():
+    assert study.frozen([0.1] * 50 + [0.2] * 101)
+    assert not study.frozen([0.1] * 50 + [0.2 * (1 + 0.01 * (i % 2)) for i in range(101)])
+    assert not study.frozen([0.1] * 20)                          # shorter than the window
+
+
+def test_the_whole_study_on_a_tiny_setup(tmp_path, monkeypatch):
+    tiny = dataclasses.replace(study.SETUPS["digits"], n_train=200, n_val=60, steps=12, batch=20, val_batch=10,
+                               hidden=(8,), constants=(0.1,), decay_to=(0.1,), sf_lrs=(0.1,))
+    monkeypatch.setattr(study, "SETUPS", {"digits": tiny})
+    monkeypatch.setattr(study, "BETAS", (1e-3, 1e-1))
+    out = tmp_path / "study"
+    study.main(["--quick", "--out", str(out), "--workers", "1"])
+    runs = sorted((out / "records" / "digits").glob("*.json"))
+    # 3 variants x 2 betas x 2 seeds, and per seed: constant, exponential, schedule-free, Prodigy
+    assert len(runs) == 3 * 2 * 2 + 2 * 4
+    run = json.loads((out / "records" / "digits" / "robust-2__beta=0.001__s0.json").read_text())
+    assert len(run["lrs"]) == len(run["betas"]) == len(run["hs"]) == 12 and run["E"] > 0
+    table = (out / "table.md").read_text()
+    assert "| digits | robust-2 |" in table and "| Constant |" in table
+    assert (out / "lr_digits.png").stat().st_size > 0
+    # resumes: nothing is run again, the files are untouched
+    stamp = {p: p.stat().st_mtime_ns for p in runs}
+    study.main(["--quick", "--out", str(out), "--workers", "1"])
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamp
+    # --betas runs a subset of the grid, next to the records already there
+    study.main(["--quick", "--out", str(out), "--workers", "1", "--variants", "robust-2+rprop0.75@bn-train",
+                "--betas", "0.1", "--no-baselines"])
+    extra = sorted((out / "records" / "digits").glob("robust-2+rprop0.75@bn-train__*.json"))
+    assert [p.name for p in extra] == [f"robust-2+rprop0.75@bn-train__beta=0.1__s{s}.json" for s in (0, 1)]
+
+
+def test_robust_2_is_the_library_default_and_robust_1_the_previous_one():
+    import torch
+
+    import marthe_ext
+
+    w = [torch.nn.Parameter(torch.zeros(2))]
+    keys = ("hypergrad_norm", "max_lr_growth", "max_lr_change", "max_tangent_ratio", "hyper_lr_rprop",
+            "hyper_lr_bounds", "loss_trust")
+    default = marthe_ext.Marthe(w)
+    new = marthe_ext.Marthe(w, **study.VARIANTS["robust-2"])
+    old = marthe_ext.Marthe(w, **study.VARIANTS["robust-1"])
+    assert {k: getattr(new, k) for k in keys} == {k: getattr(default, k) for k in keys}
+    assert (old.hyper_lr_rprop, old.loss_trust) == ((0.5, 1.2), None)
