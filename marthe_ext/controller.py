@@ -97,8 +97,12 @@ SCALAR_KEYS = ("eta", "beta", "mu", "mu_counter", "step", "skipped", "last_hyper
                "h_sq_avg", "h_count")
 # Added after the first checkpoints were written: absent from a state dict means its start value.
 SCALAR_KEYS_SINCE_V1 = ("h_trend", "loss_avg", "loss_count", "loss_best", "lr_at_best")
-# Start values that are not 0 (also what an older checkpoint without the entry loads as).
-START_VALUES = {"loss_best": math.inf}
+
+
+def start_value(key: str, eta):
+    """The start value of a ``SCALAR_KEYS_SINCE_V1`` entry, which is also what a checkpoint
+    without it loads as: 0, except no best loss yet (+inf) and the LR at it (eta)."""
+    return {"loss_best": math.inf, "lr_at_best": eta}.get(key, 0.0)
 
 
 def normalized(x: Tensor, sq_avg: Tensor, count: Tensor, decay: float, ok: Tensor) -> Tensor:
@@ -227,12 +231,9 @@ class HyperController:
             "last_hypergrad": torch.zeros((), **f64),
             "h_sq_avg": torch.zeros((), **f64),
             "h_count": torch.zeros((), **f64),
-            "h_trend": torch.zeros((), **f64),
-            "loss_avg": torch.zeros((), **f64),
-            "loss_count": torch.zeros((), **f64),
-            "loss_best": torch.tensor(START_VALUES["loss_best"], **f64),
-            "lr_at_best": torch.tensor(config.lr, **f64),
+            **{k: torch.tensor(start_value(k, config.lr), **f64) for k in SCALAR_KEYS_SINCE_V1},
         }
+        self._no_loss = torch.tensor(math.nan, **f64)  # (e)'s input when no loss is seen: read only
         self._compiled_lr_update = None
         if config.compile_lr_update:
             from .fused_lr import compiled_lr_update
@@ -266,8 +267,7 @@ class HyperController:
         """One LR update from the hypergradient h and this step's training loss (None: not
         seen, (e) does nothing) (``lr_update_``); with ``compile_lr_update=True`` the same
         function compiled into one kernel (``fused_lr.py``)."""
-        loss = (torch.full_like(self.scalars["eta"], math.nan) if loss is None
-                else loss.detach().to(self.scalars["eta"]).reshape(()))
+        loss = self._no_loss if loss is None else loss.detach().to(self.scalars["eta"]).reshape(())
         if self._compiled_lr_update is not None:
             self._compiled_lr_update(self.scalars, h, ok, loss)
         else:
@@ -300,9 +300,5 @@ class HyperController:
         for k in SCALAR_KEYS:
             self.scalars[k].copy_(meta[k])
         for k in SCALAR_KEYS_SINCE_V1:
-            if k in meta:
-                self.scalars[k].copy_(meta[k])
-            elif k == "lr_at_best":
-                self.scalars[k].copy_(self.scalars["eta"])
-            else:
-                self.scalars[k].fill_(START_VALUES.get(k, 0.0))
+            self.scalars[k].copy_(torch.as_tensor(
+                meta[k] if k in meta else start_value(k, self.scalars["eta"]), dtype=torch.float64))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import marthe_ext
+from marthe_ext.safeguards import PRESETS
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,7 +25,7 @@ HS = [-1.0] * 40
 OFFSETS = [10.0 / (1 + t) + (30.0 if 15 <= t < 27 else 0.0) for t in range(40)]
 # The default safeguards without (e): the preset fills only what is not given, so it is
 # dropped by spelling the rest out.
-NO_TRUST = dict(safeguards=None, hypergrad_norm="rms-log", max_lr_growth=1.1, hyper_lr_rprop=(0.5, 1.2))
+NO_TRUST = dict(safeguards=None, **{k: v for k, v in PRESETS["robust"].items() if k != "loss_trust"})
 
 
 def scripted(hs, offsets, backward_style=False, **opts):

@@ -46,7 +46,7 @@ import torch
 from .data import load_splits
 from .methods import MethodSpec, Protocol, Trainer
 from .models import build_model
-from .report import jsonable
+from .report import jsonable, markdown_table
 from .training import batch_schedule, evaluate, train_run
 
 BETAS = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -353,29 +353,28 @@ def report(out: Path, variants: Optional[list[str]] = None) -> str:
         if not runs:
             continue
         summ = setup_summary(runs, variants)
-        lines += [f"### {setup}", "",
-                  "| method | E per beta (mean over seeds) | best | median | vs best baseline (best / median) "
-                  "| collapses | > 1.5x own best | frozen LR | max LR | h > 0 |", "|---|---|---|---|---|---|---|---|---|---|"]
+        rows = []
         for v, row in summ["variants"].items():
             per = ", ".join(f"{c.split('=')[1]}: {m:.4f}" for c, m in
                             sorted(row["means"].items(), key=lambda kv: float(kv[0].split("=")[1])))
-            lines.append(f"| {v} | {per} | {row['best']:.4f} | {row['median']:.4f} | "
-                         f"{_pct(row['best_vs_baseline'])} / {_pct(row['median_vs_baseline'])} | "
-                         f"{row['collapses']}/{row['runs']} | {row['far']}/{row['runs']} | "
-                         f"{row['frozen']}/{row['runs']} | {row['max_lr']:.3g} | {row['h_decay']:.2f} |")
-        lines += ["", "| baseline (best config) | mean E | config | seeds |", "|---|---|---|---|"]
-        for method, (m, config, n) in sorted(summ["baselines"].items(), key=lambda kv: kv[1][0]):
-            lines.append(f"| {method} | {m:.4f} | {config or '-'} | {n} |")
-        lines.append("")
+            rows.append([v, per, f"{row['best']:.4f}", f"{row['median']:.4f}",
+                         f"{_pct(row['best_vs_baseline'])} / {_pct(row['median_vs_baseline'])}",
+                         f"{row['collapses']}/{row['runs']}", f"{row['far']}/{row['runs']}",
+                         f"{row['frozen']}/{row['runs']}", f"{row['max_lr']:.3g}", f"{row['h_decay']:.2f}"])
+        baselines = [[method, f"{m:.4f}", config or "-", str(n)]
+                     for method, (m, config, n) in sorted(summ["baselines"].items(), key=lambda kv: kv[1][0])]
+        lines += [f"### {setup}", "",
+                  markdown_table(["method", "E per beta (mean over seeds)", "best", "median",
+                                  "vs best baseline (best / median)", "collapses", "> 1.5x own best",
+                                  "frozen LR", "max LR", "h > 0"], rows),
+                  markdown_table(["baseline (best config)", "mean E", "config", "seeds"], baselines)]
     return "\n".join(lines)
 
 
 def summary_table(out: Path, variants: list[str]) -> str:
     """One row per (setup, variant): best and median over beta of the mean E over seeds
     against the best baseline of the same harness, and the failures."""
-    lines = ["| setup | MARTHE variant | best E (beta) | median E over beta | best baseline | vs it: best / median "
-             "| best exp. decay | vs it: best / median | collapses | > 1.5x own best |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for setup in SETUPS:
         if not (out / RECORDS / setup).exists():
             continue
@@ -386,12 +385,14 @@ def summary_table(out: Path, variants: list[str]) -> str:
         exp = summ["baselines"].get("Exponential", (math.nan, "", 0))[0]
         for v, row in summ["variants"].items():
             beta = min(row["means"], key=row["means"].get).split("=")[1]
-            lines.append(
-                f"| {setup} | {v} | {row['best']:.4f} ({beta}) | {row['median']:.4f} | {name} {config} {base:.4f} | "
-                f"{_pct(row['best_vs_baseline'])} / {_pct(row['median_vs_baseline'])} | {exp:.4f} | "
-                f"{_pct(row['best'] / exp - 1)} / {_pct(row['median'] / exp - 1)} | "
-                f"{row['collapses']}/{row['runs']} | {row['far']}/{row['runs']} |")
-    return "\n".join(lines)
+            rows.append([setup, v, f"{row['best']:.4f} ({beta})", f"{row['median']:.4f}",
+                         f"{name} {config} {base:.4f}",
+                         f"{_pct(row['best_vs_baseline'])} / {_pct(row['median_vs_baseline'])}", f"{exp:.4f}",
+                         f"{_pct(row['best'] / exp - 1)} / {_pct(row['median'] / exp - 1)}",
+                         f"{row['collapses']}/{row['runs']}", f"{row['far']}/{row['runs']}"])
+    return markdown_table(["setup", "MARTHE variant", "best E (beta)", "median E over beta", "best baseline",
+                           "vs it: best / median", "best exp. decay", "vs it: best / median", "collapses",
+                           "> 1.5x own best"], rows).rstrip("\n")
 
 
 def plot_lrs(out: Path, setup: str, variants: list[str], path: Path) -> None:
