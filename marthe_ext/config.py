@@ -96,6 +96,7 @@ class MartheConfig:
     hyper_lr_bounds: tuple[float, float]
     safeguards: Optional[str]
     loss_trust: Optional[float] = None  # (e): tau of the loss trust region (controller.py)
+    decay_trend: Optional[float] = None  # (f): z of the decay-trend test on (d)'s beta (controller.py)
     # The cheaper modes (README "Cheaper steps"): each drops part of the exact step on purpose.
     first_order: bool = False  # A_t with H_t = 0: no HVP at all
     hvp_every: int = 1  # the HVP only on steps t = 0 mod k, H_t = 0 on the others
@@ -123,7 +124,7 @@ class MartheConfig:
         hyper_lr_adapt, grad_clip, hvp, hypergrad, backend, max_lr_change, max_lr_growth,
         hypergrad_norm, hypergrad_norm_decay, max_tangent_ratio, hyper_lr_rprop,
         hyper_lr_bounds, safeguards, has_model: bool, first_order=False, hvp_every=1,
-        hypergrad_every=1, compile_lr_update=False, loss_trust=None,
+        hypergrad_every=1, compile_lr_update=False, loss_trust=None, decay_trend=None,
     ) -> "MartheConfig":
         if safeguards is not None and safeguards not in _safeguards.PRESETS:
             raise ValueError(f"safeguards must be None or one of {tuple(_safeguards.PRESETS)}, "
@@ -138,6 +139,8 @@ class MartheConfig:
             hyper_lr_rprop = preset.get("hyper_lr_rprop")
         if loss_trust is None:
             loss_trust = preset.get("loss_trust")
+        if decay_trend is None:
+            decay_trend = preset.get("decay_trend")
         if hyper_lr is None:
             hyper_lr = _safeguards.DEFAULT_HYPER_LR["raw" if hypergrad_norm is None else "normalised"]
 
@@ -208,6 +211,11 @@ class MartheConfig:
                 raise ValueError(f"hyper_lr={hyper_lr} must be 0 (LR fixed) or lie in "
                                  f"hyper_lr_bounds [{low}, {high}] when hyper_lr_rprop is set")
             hyper_lr_rprop = (shrink, grow)
+        if decay_trend is not None:
+            decay_trend = check_number("decay_trend", decay_trend, 0.0, math.inf, low_open=True, high_open=True)
+            if hyper_lr_rprop is None:
+                raise ValueError("decay_trend changes how hyper_lr_rprop adapts beta: set hyper_lr_rprop "
+                                 "(and hypergrad_norm) with it")
 
         first_order, hvp_every, hypergrad_every = _check_modes(first_order, hvp_every, hypergrad_every, mu)
         if not isinstance(compile_lr_update, bool):
@@ -222,5 +230,5 @@ class MartheConfig:
             max_tangent_ratio=max_tangent_ratio, hyper_lr_rprop=hyper_lr_rprop,
             hyper_lr_bounds=(low, high), safeguards=safeguards, first_order=first_order,
             hvp_every=hvp_every, hypergrad_every=hypergrad_every, compile_lr_update=compile_lr_update,
-            loss_trust=loss_trust,
+            loss_trust=loss_trust, decay_trend=decay_trend,
         )

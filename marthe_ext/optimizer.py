@@ -101,8 +101,9 @@ class Marthe(torch.optim.Optimizer):
             defaults suit "rms-log", where beta is a relative step). Needs
             ``hypergrad_norm``; ``hyper_lr`` is then only the first meta step.
         safeguards: a preset, "robust" (the default) | None. "robust" sets ``hypergrad_norm="rms-log"``,
-            ``max_lr_growth=1.1``, ``hyper_lr_rprop=(0.5, 1.2)``, ``loss_trust=0.5`` unless
-            given (the safeguard study's and issue 15's study's recommendation). None with no
+            ``max_lr_growth=1.1``, ``hyper_lr_rprop=(0.5, 1.2)``, ``loss_trust=0.5``,
+            ``decay_trend=2.0`` unless given (the safeguard study's and issue 15's study's
+            recommendation). None with no
             safeguard option is the faithful algorithm of SPEC section 2.
             See ``marthe_ext.controller`` for the maths of each.
         model: the ``nn.Module`` whose parameters are optimized. Needed by ``hvp="forward"``
@@ -132,6 +133,10 @@ class Marthe(torch.optim.Optimizer):
             best so far by more than tau |best|, the LR may not exceed the LR it had at that
             best, and (d)'s beta shrinks. It sees the closure's loss; in backward style pass
             ``opt.step(loss=loss)``, else it is inactive.
+        decay_trend: z > 0, safeguard (f), with ``hyper_lr_rprop``: decreases of the LR get
+            their own meta step, which takes (d)'s factors and also grows while the ~20-step
+            mean of the normalised h asks for a smaller LR with a z-score above z (a decay
+            trend too noisy for (d)'s one-step sign test). Increases keep (d)'s beta.
 
     ``step(closure, val_closure=None)``: ``closure()`` returns the training loss and does
     NOT call backward (the optimizer differentiates it). Without ``val_closure`` the
@@ -175,6 +180,7 @@ class Marthe(torch.optim.Optimizer):
         hypergrad_every: int = 1,
         compile_lr_update: bool = False,
         loss_trust: Optional[float] = None,
+        decay_trend: Optional[float] = None,
     ):
         check_process_group(process_group)
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -188,7 +194,7 @@ class Marthe(torch.optim.Optimizer):
             hyper_lr_rprop=hyper_lr_rprop, hyper_lr_bounds=hyper_lr_bounds, safeguards=safeguards,
             has_model=model is not None, first_order=first_order, hvp_every=hvp_every,
             hypergrad_every=hypergrad_every, compile_lr_update=compile_lr_update,
-            loss_trust=loss_trust)
+            loss_trust=loss_trust, decay_trend=decay_trend)
         self.model = model
         super().__init__(params, dict(lr_scale=1.0, weight_decay=self.config.weight_decay))
         if model is not None:
@@ -219,6 +225,7 @@ class Marthe(torch.optim.Optimizer):
     hyper_lr_rprop = property(lambda self: self.config.hyper_lr_rprop)
     hyper_lr_bounds = property(lambda self: self.config.hyper_lr_bounds)
     loss_trust = property(lambda self: self.config.loss_trust)
+    decay_trend = property(lambda self: self.config.decay_trend)
     first_order = property(lambda self: self.config.first_order)
     hvp_every = property(lambda self: self.config.hvp_every)
     hypergrad_every = property(lambda self: self.config.hypergrad_every)

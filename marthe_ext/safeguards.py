@@ -1,7 +1,7 @@
 r"""Safeguard presets and the tangent cap.
 
 The safeguards of the LR update itself -- (a) ``max_lr_change``, (a') ``max_lr_growth``,
-(b) ``hypergrad_norm``, (d) ``hyper_lr_rprop``, (e) ``loss_trust`` -- are rules that change eta and beta: their
+(b) ``hypergrad_norm``, (d) ``hyper_lr_rprop``, (e) ``loss_trust``, (f) ``decay_trend`` -- are rules that change eta and beta: their
 maths and code live with every other such rule in ``controller.py``. All off is the
 faithful algorithm of SPEC section 2; ``Marthe``'s default is the preset "robust".
 
@@ -21,12 +21,13 @@ HYPERGRAD_NORMS = (None, "rms", "rms-log")
 
 # ``Marthe(safeguards=NAME)`` sets these options unless the caller sets them; None sets none
 # (the faithful algorithm, unless options are given one by one). "robust" is the variant
-# "robust-2" of issue 15's study (python/marthe_experiments/default_study.py): the safeguard
-# study's "rms-log+growth+rprop" and the loss trust region (e) tau = 0.5 (README, "The
-# default's study"; (d) at (0.75, 1.2) was measured too and is not the default: see there).
+# "robust-2+trend2" of issue 15's study (python/marthe_experiments/default_study.py): the
+# safeguard study's "rms-log+growth+rprop", the loss trust region (e) tau = 0.5 and the decay
+# trend (f) z = 2 (README, "The default's study"; (d) at (0.75, 1.2) was measured too and is
+# not the default: see there).
 PRESETS: dict[str, dict] = {
     "robust": {"hypergrad_norm": "rms-log", "max_lr_growth": 1.1, "hyper_lr_rprop": (0.5, 1.2),
-               "loss_trust": 0.5},
+               "loss_trust": 0.5, "decay_trend": 2.0},
 }
 # beta when the caller gives none: an absolute step on h (the faithful algorithm), or a
 # step on the RMS-normalised h (with "rms-log" a relative step, the first of (d)'s steps).

@@ -56,7 +56,7 @@ def test_every_rule_that_changes_eta_beta_or_mu_is_in_the_controller():
     """A newcomer finds them in one file (README's layout): no other module of the library
     writes these scalars."""
     owned = {"eta", "beta", "mu", "mu_counter", "h_trend", "h_sq_avg", "h_count", "loss_avg", "loss_count",
-             "loss_best", "lr_at_best"}
+             "loss_best", "lr_at_best", "x_trend", "beta_down"}
     assert {"eta", "beta", "mu", "mu_counter"} <= _written_scalar_keys(
         ast.parse((PACKAGE / "controller.py").read_text()))
     for path in PACKAGE.rglob("*.py"):

@@ -63,12 +63,12 @@ def test_the_whole_study_on_a_tiny_setup(tmp_path, monkeypatch):
     out = tmp_path / "study"
     study.main(["--quick", "--out", str(out), "--workers", "1"])
     runs = sorted((out / "records" / "digits").glob("*.json"))
-    # 3 variants x 2 betas x 2 seeds, and per seed: constant, exponential, schedule-free, Prodigy
-    assert len(runs) == 3 * 2 * 2 + 2 * 4
-    run = json.loads((out / "records" / "digits" / "robust-2__beta=0.001__s0.json").read_text())
+    # 4 variants x 2 betas x 2 seeds, and per seed: constant, exponential, schedule-free, Prodigy
+    assert len(runs) == 4 * 2 * 2 + 2 * 4
+    run = json.loads((out / "records" / "digits" / "robust-2+trend2__beta=0.001__s0.json").read_text())
     assert len(run["lrs"]) == len(run["betas"]) == len(run["hs"]) == 12 and run["E"] > 0
     table = (out / "table.md").read_text()
-    assert "| digits | robust-2 |" in table and "| Constant |" in table
+    assert "| digits | robust-2+trend2 |" in table and "| Constant |" in table
     assert (out / "lr_digits.png").stat().st_size > 0
     # resumes: nothing is run again, the files are untouched
     stamp = {p: p.stat().st_mtime_ns for p in runs}
@@ -81,16 +81,18 @@ def test_the_whole_study_on_a_tiny_setup(tmp_path, monkeypatch):
     assert [p.name for p in extra] == [f"robust-2+rprop0.75@bn-train__beta=0.1__s{s}.json" for s in (0, 1)]
 
 
-def test_robust_2_is_the_library_default_and_robust_1_the_previous_one():
+def test_robust_2_trend2_is_the_library_default_and_robust_2_robust_1_the_previous_ones():
     import torch
 
     import marthe_ext
 
     w = [torch.nn.Parameter(torch.zeros(2))]
     keys = ("hypergrad_norm", "max_lr_growth", "max_lr_change", "max_tangent_ratio", "hyper_lr_rprop",
-            "hyper_lr_bounds", "loss_trust")
+            "hyper_lr_bounds", "loss_trust", "decay_trend")
     default = marthe_ext.Marthe(w)
-    new = marthe_ext.Marthe(w, **study.VARIANTS["robust-2"])
-    old = marthe_ext.Marthe(w, **study.VARIANTS["robust-1"])
+    new = marthe_ext.Marthe(w, **study.VARIANTS["robust-2+trend2"])
     assert {k: getattr(new, k) for k in keys} == {k: getattr(default, k) for k in keys}
-    assert (old.hyper_lr_rprop, old.loss_trust) == ((0.5, 1.2), None)
+    before = marthe_ext.Marthe(w, **study.VARIANTS["robust-2"])
+    old = marthe_ext.Marthe(w, **study.VARIANTS["robust-1"])
+    assert (before.loss_trust, before.decay_trend) == (0.5, None)
+    assert (old.hyper_lr_rprop, old.loss_trust, old.decay_trend) == ((0.5, 1.2), None, None)

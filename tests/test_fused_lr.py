@@ -19,12 +19,14 @@ BASE = dict(lr=0.01, dynamics="sgd", momentum=0.9, nesterov=False, betas=(0.9, 0
             hypergrad="grad", backend="torch", max_lr_change=None, max_lr_growth=None, hypergrad_norm=None,
             hypergrad_norm_decay=0.99, max_tangent_ratio=None, hyper_lr_rprop=None,
             hyper_lr_bounds=(1e-6, 0.1), safeguards=None, has_model=False)
-# Together: no normalisation / "rms" / "rms-log"; (a) and (a') on and off; (d) rprop; alpha.
+# Together: no normalisation / "rms" / "rms-log"; (a) and (a') on and off; (d) rprop; alpha;
+# (e) the loss trust region; (f) the decay trend (a low z, so that it passes on these h).
 CONFIGS = {
     "paper+alpha": dict(hyper_lr=1e-3, hyper_lr_adapt=1e-2),
     "rms+change": dict(hypergrad_norm="rms", max_lr_change=1.5, hyper_lr=1e-3),
     "robust+change": dict(safeguards="robust", max_lr_change=1.3),
     "robust+trust": dict(safeguards="robust", loss_trust=0.2),
+    "robust+trend": dict(safeguards="robust", decay_trend=0.5),
 }
 
 
@@ -52,7 +54,7 @@ def test_compiled_lr_update_equals_the_reference(name):
     ref = HyperController(MartheConfig.from_arguments(**opts), torch.device("cpu"))
     fused = HyperController(MartheConfig.from_arguments(**opts, compile_lr_update=True), torch.device("cpu"))
     assert fused._compiled_lr_update is not None
-    etas = []
+    etas, split = [], 0
     for h, ok, loss in _hypergradients():
         h_t, ok_t = torch.tensor(h, dtype=torch.float64), torch.tensor(ok)
         loss_t = None if loss is None else torch.tensor(loss, dtype=torch.float32)
@@ -62,7 +64,10 @@ def test_compiled_lr_update_equals_the_reference(name):
             torch.testing.assert_close(fused.scalars[key], want, rtol=1e-13, atol=0.0, equal_nan=True,
                                        msg=f"{key} after h={h}, ok={ok}")
         etas.append(float(ref.scalars["eta"]))
+        split += float(ref.scalars["beta_down"]) != float(ref.scalars["beta"])
     assert len(set(etas)) > 20, "the LR must actually move in this test"
+    if "decay_trend" in CONFIGS[name]:
+        assert split > 5, "(f)'s own decrease step must act in this test"
 
 
 def test_optimizer_with_compiled_lr_update_equals_eager():

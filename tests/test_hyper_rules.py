@@ -124,12 +124,13 @@ def test_hyper_lr_adapt_follows_the_rule_every_step(alpha):
 
 
 # --------------------------------------------------------------------------- properties
-def driven(hs, **opts):
+def driven(hs, record=(), **opts):
     """Run one step per h in ``hs`` on a problem whose hypergradient is exactly h.
 
     One weight, sgd, mu = 0, training loss w (gradient 1): after the step Zw = -1, so with the
     validation loss -h w the hypergradient <grad E, Zw> is h, bit for bit. A non-finite h
-    makes the step skip. Returns (eta, beta, skipped, recorded h) after each step."""
+    makes the step skip. Returns (eta, beta, skipped, recorded h) after each step, followed by
+    the ``opt.hyper_state()`` entries named in ``record``."""
     w = nn.Parameter(torch.zeros(1, dtype=F64))
     opt = marthe_ext.Marthe([w], dynamics="sgd", mu=0.0, backend="torch", **opts)
     out = []
@@ -137,7 +138,8 @@ def driven(hs, **opts):
         warnings.simplefilter("ignore", RuntimeWarning)  # the skipped-step warning
         for h in hs:
             opt.step(lambda: w.sum(), lambda: -h * w.sum())
-            out.append((opt.lr, opt.hyper_lr, opt.skipped_steps, opt.last_hypergrad))
+            out.append((opt.lr, opt.hyper_lr, opt.skipped_steps, opt.last_hypergrad,
+                        *(float(opt.hyper_state()[k]) for k in record)))
     return out
 
 
@@ -155,23 +157,24 @@ PROPERTY = settings(max_examples=40, derandomize=True, database=None, deadline=N
 @example(hs=[1.0, -1.0, 1.0, math.inf, -1.0, math.nan, 1e300, 0.0])
 def test_robust_default_keeps_eta_positive_and_bounded(hs):
     """The default preset on any h sequence: eta finite and > 0, growth <= 1.1 per step,
-    |log(eta'/eta)| <= beta / sqrt(1 - 0.99), beta in its bounds and moved only by (d)'s grow /
-    shrink factors (no loss is given, so (e) stays inactive);
+    |log(eta'/eta)| <= beta / sqrt(1 - 0.99) (with (f)'s own step for decreases), both steps in
+    their bounds, beta moved only by (d)'s grow / shrink factors;
     a non-finite h skips the step and leaves no trace: the run equals the one without it."""
     eta, beta, skipped = 1e-2, 0.1, 0  # the first |x_hat| is 1 and 0.1 > log 1.1: the growth cap acts
-    got = driven(hs, lr=eta, hyper_lr=beta)
+    got = driven(hs, record=("beta_down",), lr=eta, hyper_lr=beta)
     finite = [i for i, h in enumerate(hs) if math.isfinite(h)]
-    without = driven([hs[i] for i in finite], lr=eta, hyper_lr=beta)
-    assert [got[i][:2] for i in finite] == [r[:2] for r in without]
-    for h, (eta2, beta2, skipped2, h_seen) in zip(hs, got):
+    without = driven([hs[i] for i in finite], record=("beta_down",), lr=eta, hyper_lr=beta)
+    assert [got[i][:2] + got[i][4:] for i in finite] == [r[:2] + r[4:] for r in without]
+    for h, (eta2, beta2, skipped2, h_seen, down2) in zip(hs, got):
         if not math.isfinite(h):
             assert (eta2, beta2, skipped2) == (eta, beta, skipped + 1)
         else:
             assert h_seen == h and skipped2 == skipped
             assert 0 < eta2 < math.inf
             assert eta2 <= 1.1 * eta * (1 + 1e-15)
-            assert abs(math.log(eta2 / eta)) <= beta2 / math.sqrt(1 - 0.99) * (1 + 1e-9)
-            assert 1e-6 <= beta2 <= 0.1
+            step = beta2 if eta2 >= eta else down2
+            assert abs(math.log(eta2 / eta)) <= step / math.sqrt(1 - 0.99) * (1 + 1e-9)
+            assert 1e-6 <= beta2 <= down2 <= 0.1
             shrink, grow = PRESETS["robust"]["hyper_lr_rprop"]
             assert beta2 / beta in (pytest.approx(grow, rel=1e-15), 1.0, pytest.approx(shrink, rel=1e-15)) \
                 or beta2 in (1e-6, 0.1)

@@ -266,14 +266,14 @@ def test_robust_preset_is_the_same_as_its_options_given_one_by_one():
 def test_preset_fills_only_the_options_not_given():
     w = [torch.nn.Parameter(torch.zeros(2))]
     opt = marthe_ext.Marthe(w, safeguards="robust")
-    assert (opt.hypergrad_norm, opt.max_lr_growth, opt.hyper_lr_rprop, opt.loss_trust) == \
-        ("rms-log", 1.1, (0.5, 1.2), 0.5)
+    assert (opt.hypergrad_norm, opt.max_lr_growth, opt.hyper_lr_rprop, opt.loss_trust, opt.decay_trend) == \
+        ("rms-log", 1.1, (0.5, 1.2), 0.5, 2.0)
     assert opt.hyper_lr == 1e-3 and opt.safeguards == "robust"
     opt = marthe_ext.Marthe(w, safeguards="robust", max_lr_growth=1.5, hypergrad_norm="rms", hyper_lr=0.1)
     assert (opt.hypergrad_norm, opt.max_lr_growth, opt.hyper_lr) == ("rms", 1.5, 0.1)
     faithful = marthe_ext.Marthe(w, safeguards=None)
     assert (faithful.hypergrad_norm, faithful.max_lr_growth, faithful.hyper_lr_rprop,
-            faithful.loss_trust) == (None, None, None, None)
+            faithful.loss_trust, faithful.decay_trend) == (None, None, None, None, None)
     assert faithful.hyper_lr == 1e-6
     with pytest.raises(ValueError, match="safeguards must be None or one of"):
         marthe_ext.Marthe(w, safeguards="safe")

@@ -1,6 +1,6 @@
 """Issue 15's study: does the default find a good schedule everywhere?
 
-Four setups built from the project's data and models, a grid of seeds x betas for each
+Five setups built from the project's data and models, a grid of seeds x betas for each
 MARTHE variant, and the tuned baselines in the same harness (same data, batches, initial
 weights, validation split and E):
 
@@ -21,7 +21,7 @@ over a grid, exponential decay over a grid (start LR x final factor), schedule-f
 (SGD or AdamW, over an LR grid) and Prodigy.
 
     python -m marthe_experiments.default_study --quick --out results/default_study
-    python -m marthe_experiments.default_study --report results/default_study
+    python -m marthe_experiments.default_study --out results/default_study --report
 
 Every run is one compact JSON file (``records/<setup>/<method>__<config>__s<seed>.json``, traces
 rounded to 5 significant digits); a run whose file exists is not run again, so an
@@ -90,8 +90,10 @@ SETUPS = {
 }
 
 # MARTHE variants: name -> Marthe keyword arguments, spelled out (the records stay tied to
-# these options whatever the library's default becomes); the key "val_bn" (not a Marthe
-# option) sets the validation closure's BatchNorm mode (default "eval": running statistics).
+# these options whatever the library's default becomes); the keys of HARNESS_DEFAULTS are
+# not Marthe options but the harness's: the validation closure's BatchNorm mode ("eval":
+# running statistics), mu, and the validation examples per hypergradient (None: the setup's).
+HARNESS_DEFAULTS = {"val_bn": "eval", "mu": 0.99, "val_batch": None}
 ROBUST_1 = {"safeguards": None, "hypergrad_norm": "rms-log", "max_lr_growth": 1.1,
             "hyper_lr_rprop": (0.5, 1.2), "hyper_lr_bounds": (1e-6, 0.1)}   # the default until 2026-12-01
 VARIANTS: dict[str, dict] = {
@@ -99,12 +101,22 @@ VARIANTS: dict[str, dict] = {
     "robust-1+floor1e-3": {**ROBUST_1, "hyper_lr_bounds": (1e-3, 0.1)},
     "robust-1+trust0.5+floor1e-3": {**ROBUST_1, "loss_trust": 0.5, "hyper_lr_bounds": (1e-3, 0.1)},
     "robust-1+rprop0.75": {**ROBUST_1, "hyper_lr_rprop": (0.75, 1.2)},
-    # the default since 2026-12-01 (safeguards="robust"): robust-1 and the loss trust region (e)
+    # the default from the first change on 2026-12-01: robust-1 and the loss trust region (e)
     "robust-2": {**ROBUST_1, "loss_trust": 0.5},
     # the candidate that also keeps beta alive on a noisy trend (d balanced at 61 % agreement)
     "robust-2+rprop0.75": {**ROBUST_1, "loss_trust": 0.5, "hyper_lr_rprop": (0.75, 1.2)},
+    # the default since the second change on 2026-12-01 (safeguards="robust"): robust-2 and (f),
+    # decreases get their own meta step, which also grows on a significant decay trend
+    "robust-2+trend2": {**ROBUST_1, "loss_trust": 0.5, "decay_trend": 2.0},
 }
+# Records of rules the library no longer has (they cannot be re-run; the report lists them):
+# the first version of (f), which grew (d)'s own beta on a decay trend, at z = 2 and z = 1.
+RETIRED = ("robust-2+trend2-shared", "robust-2+trend1-shared")
 VARIANTS["robust-2+rprop0.75@bn-train"] = {**VARIANTS["robust-2+rprop0.75"], "val_bn": "train"}
+# the default with the issue's other noise and horizon knobs: mu, and 5x the validation batch
+VARIANTS["robust-2+trend2@mu0.9"] = {**VARIANTS["robust-2+trend2"], "mu": 0.9}
+VARIANTS["robust-2+trend2@mu0.999"] = {**VARIANTS["robust-2+trend2"], "mu": 0.999}
+VARIANTS["robust-2+trend2@val500"] = {**VARIANTS["robust-2+trend2"], "val_batch": 500}
 
 
 @dataclass(frozen=True)
@@ -144,18 +156,15 @@ def run_job(job: Job) -> dict:
     torch.manual_seed(job.seed)
     model = build_model(s.model, data.input_shape, data.num_classes, hidden=s.hidden, width=s.width)
     batches = batch_schedule(s.n_train, s.batch, s.steps, seed=job.seed)
-    val_idx = torch.randint(0, s.n_val, (s.steps, s.val_batch),
-                            generator=torch.Generator().manual_seed(10_000 + job.seed))
     hp = _parse(job.config)
-    val_bn = "eval"
+    harness = dict(HARNESS_DEFAULTS, val_batch=s.val_batch)
     if job.method in VARIANTS:
         options = dict(VARIANTS[job.method])
-        val_bn = options.pop("val_bn", val_bn)
-        options = tuple(options.items())
-        protocol = Protocol(s.dynamics, lr=s.eta0, weight_decay=s.weight_decay, marthe_options=options)
+        harness.update({k: options.pop(k) for k in HARNESS_DEFAULTS if k in options})
+        protocol = Protocol(s.dynamics, lr=s.eta0, weight_decay=s.weight_decay, marthe_options=tuple(options.items()))
         # Marthe rejects a start beta below the variant's floor: the floor lifts it.
         start = max(hp["beta"], VARIANTS[job.method].get("hyper_lr_bounds", (0.0,))[0])
-        spec = MethodSpec("MARTHE", {"beta": start, "mu": 0.99})
+        spec = MethodSpec("MARTHE", {"beta": start, "mu": harness["mu"]})
     else:
         protocol = Protocol(s.dynamics, lr=s.eta0, weight_decay=s.weight_decay)
         if job.method == "Constant":
@@ -180,15 +189,18 @@ def run_job(job: Job) -> dict:
 
         trainer.step = step
     started = time.perf_counter()
-    if s.val_batch >= s.n_val:  # the whole split every step (the demo's setting)
+    if harness["val_batch"] >= s.n_val:  # the whole split every step (the demo's setting)
         def val_batch(t):
             return data.x_val, data.y_val
     else:
+        val_idx = torch.randint(0, s.n_val, (s.steps, harness["val_batch"]),
+                                generator=torch.Generator().manual_seed(10_000 + job.seed))
+
         def val_batch(t):
             return data.x_val[val_idx[t]], data.y_val[val_idx[t]]
     log = train_run(trainer, data.x_train, data.y_train, batches, val_batch=val_batch,
                     evaluator=lambda: evaluate(model, data.x_val, data.y_val),
-                    eval_every=s.steps // 3, progress=False, val_bn=val_bn)
+                    eval_every=s.steps // 3, progress=False, val_bn=harness["val_bn"])
     seconds = time.perf_counter() - started
     E = log.val_loss[-1]
     return dict(setup=job.setup, method=job.method, config=job.config, seed=job.seed,
@@ -294,7 +306,7 @@ def setup_summary(runs: list[dict], variants: list[str]) -> dict:
     groups = config_means(runs)
     baseline_best = {}
     for (method, config), rs in groups.items():
-        if method in VARIANTS:
+        if method in VARIANTS or method in RETIRED:
             continue
         m = _mean([_E(r) for r in rs])
         if method not in baseline_best or m < baseline_best[method][0]:
@@ -346,7 +358,7 @@ def _pct(x: float) -> str:
 
 
 def report(out: Path, variants: Optional[list[str]] = None) -> str:
-    variants = variants or list(VARIANTS)
+    variants = variants or list(VARIANTS) + list(RETIRED)
     lines = []
     for setup in SETUPS:
         runs = load_runs(out, setup) if (out / RECORDS / setup).exists() else []
@@ -429,7 +441,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("results/default_study"))
     p.add_argument("--setups", default=",".join(SETUPS))
-    p.add_argument("--variants", default="robust-1,robust-2,robust-2+rprop0.75")
+    p.add_argument("--variants", default="robust-1,robust-2,robust-2+rprop0.75,robust-2+trend2")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--betas", default=None, help="comma-separated subset of the beta grid (default: all)")
@@ -454,8 +466,9 @@ def main(argv=None) -> None:
         betas = tuple(float(b) for b in a.betas.split(",")) if a.betas else None
         run_study(a.out, setups, variants, list(range(2 if a.quick else a.seeds)), not a.no_baselines,
                   a.workers, betas)
-    text = ("## Summary\n\n" + summary_table(a.out, variants) + "\n\n" + LEGEND + "\n\n## Per setup\n\n"
-            + report(a.out, variants))
+    shown = variants + list(RETIRED)  # retired rules' records are listed wherever they exist
+    text = ("## Summary\n\n" + summary_table(a.out, shown) + "\n\n" + LEGEND + "\n\n## Per setup\n\n"
+            + report(a.out, shown))
     (a.out / "table.md").write_text(text + "\n")
     for setup in setups:
         if (a.out / RECORDS / setup).exists():
