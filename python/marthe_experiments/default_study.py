@@ -117,6 +117,8 @@ VARIANTS["robust-2+rprop0.75@bn-train"] = {**VARIANTS["robust-2+rprop0.75"], "va
 VARIANTS["robust-2+trend2@mu0.9"] = {**VARIANTS["robust-2+trend2"], "mu": 0.9}
 VARIANTS["robust-2+trend2@mu0.999"] = {**VARIANTS["robust-2+trend2"], "mu": 0.999}
 VARIANTS["robust-2+trend2@val500"] = {**VARIANTS["robust-2+trend2"], "val_batch": 500}
+# (f)'s threshold, its sensitivity: z = 1 (white noise passes the test 16 % of the time, not 2 %)
+VARIANTS["robust-2+trend1"] = {**VARIANTS["robust-2+trend2"], "decay_trend": 1.0}
 
 
 @dataclass(frozen=True)
