@@ -96,7 +96,7 @@ class MartheConfig:
     hyper_lr_bounds: tuple[float, float]
     safeguards: Optional[str]
     loss_trust: Optional[float] = None  # (e): tau of the loss trust region (controller.py)
-    decay_trend: Optional[float] = None  # (f): z of the decay-trend test on (d)'s beta (controller.py)
+    decay_trend: Optional[float] = None  # (f): z of the decay-trend test on the step of decreases (controller.py)
     # The cheaper modes (README "Cheaper steps"): each drops part of the exact step on purpose.
     first_order: bool = False  # A_t with H_t = 0: no HVP at all
     hvp_every: int = 1  # the HVP only on steps t = 0 mod k, H_t = 0 on the others

@@ -10,7 +10,7 @@ parameters' device, so ``step()`` never waits for the device):
     h_sq_avg, h_count           (b): the running mean of h^2 and its bias-correction count
     h_trend                     (d): the running average of h
     x_trend, beta_down          (f): the running average of the normalised h; the meta
-                                step of decreases
+                                step of decreases (beta itself without (f))
 
 Every update is masked by ``ok`` (a device bool): a skipped step changes nothing.
 
@@ -158,19 +158,16 @@ def next_lr(eta: Tensor, beta: Tensor, h: Tensor, *, norm: Optional[str], sq_avg
     """The LR after one hypergradient step: the paper's update, or (b) with (a) and (a')
     (with (f), ``beta_down`` is the meta step where the normalised h asks for a decrease);
     and the step's normalised h (h itself without (b))."""
-    if norm == "rms-log":
-        x = normalized(eta * h, sq_avg, count, decay, ok)
-        if beta_down is not None:
-            beta = torch.where(x > 0, beta_down, beta)
-        eta_new = eta * torch.exp(-beta * x)
-    elif norm == "rms":
-        x = normalized(h, sq_avg, count, decay, ok)
-        if beta_down is not None:
-            beta = torch.where(x > 0, beta_down, beta)
-        eta_new = torch.clamp(eta - beta * x, min=0.0)
-    else:
+    if norm is None:
         x = h
-        eta_new = torch.clamp(eta - beta * h, min=0.0)
+    else:  # "rms-log" normalises d E / d log eta = eta h, "rms" h itself
+        x = normalized(eta * h if norm == "rms-log" else h, sq_avg, count, decay, ok)
+    if beta_down is not None:
+        beta = torch.where(x > 0, beta_down, beta)
+    if norm == "rms-log":
+        eta_new = eta * torch.exp(-beta * x)
+    else:
+        eta_new = torch.clamp(eta - beta * x, min=0.0)
     if rho is not None:
         eta_new = torch.minimum(torch.maximum(eta_new, eta / rho), eta * rho)
     if rho_up is not None:
@@ -259,7 +256,7 @@ def lr_update_(cfg: MartheConfig, s: dict[str, Tensor], h: Tensor, ok: Tensor, l
         broken = trust_broken(s, loss, cfg.loss_trust, ok)
         eta_new = torch.where(broken, torch.minimum(eta_new, s["lr_at_best"]), eta_new)
         if cfg.hyper_lr_rprop is not None:
-            for key in ("beta", "beta_down") if cfg.decay_trend is not None else ("beta",):
+            for key in ("beta", "beta_down"):
                 shrunk = torch.clamp(s[key] * cfg.hyper_lr_rprop[0], min=low)
                 s[key].copy_(torch.where(broken & (s[key] > 0), shrunk, s[key]))
     # A finite h can still overflow eta or beta (e.g. alpha's beta after a huge h, then
@@ -267,6 +264,10 @@ def lr_update_(cfg: MartheConfig, s: dict[str, Tensor], h: Tensor, ok: Tensor, l
     if cfg.hyper_lr_adapt:
         beta_new = torch.clamp(s["beta"] + cfg.hyper_lr_adapt * h * eta_new, min=0.0)
         s["beta"].copy_(torch.where(ok & torch.isfinite(beta_new), beta_new, s["beta"]))
+    if cfg.decay_trend is None:
+        # Without (f) the step of decreases is beta itself: kept equal, so a checkpoint
+        # resumed with (f) on starts it from beta, as one written before (f) existed does.
+        s["beta_down"].copy_(s["beta"])
     s["eta"].copy_(torch.where(ok & torch.isfinite(eta_new), eta_new, s["eta"]))
 
 

@@ -34,13 +34,7 @@ def noisy(mean, n=300, seed=0):
 
 def run(hs, **opts):
     """``driven`` with (f)'s meta step of decreases: (eta, beta, beta_down) after each step."""
-    w = nn.Parameter(torch.zeros(1, dtype=F64))
-    opt = marthe_ext.Marthe([w], dynamics="sgd", mu=0.0, backend="torch", **opts)
-    out = []
-    for h in hs:
-        opt.step(lambda: w.sum(), lambda: -h * w.sum())
-        out.append((opt.lr, opt.hyper_lr, float(opt.hyper_state()["beta_down"])))
-    return out
+    return [(eta, beta, down) for eta, beta, _, _, down in driven(hs, record=("beta_down",), **opts)]
 
 
 def replay(hs, eta, beta, z, shrink=0.5, grow=1.2, low=1e-6, high=0.1):
@@ -140,3 +134,11 @@ def test_decay_trend_needs_rprop():
         marthe_ext.Marthe([nn.Parameter(torch.zeros(1))], safeguards=None, hypergrad_norm="rms-log",
                           decay_trend=2.0)
     assert "hyper_lr_rprop" in PRESETS["robust"]  # so the default takes it as it is
+
+
+def test_without_decay_trend_the_decrease_step_is_beta():
+    """Without (f) beta_down mirrors beta, so a checkpoint of such a run resumed with (f) on
+    starts the decrease step from beta (as one written before (f) existed does)."""
+    steps = run(noisy(0.6, n=60), lr=0.1, hyper_lr=1e-3, **RULES)
+    assert len({beta for _, beta, _ in steps}) > 5
+    assert all(down == beta for _, beta, down in steps)

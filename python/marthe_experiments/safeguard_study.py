@@ -79,8 +79,9 @@ VARIANTS: dict[str, dict] = {
 # and the candidate that also balanced (d) at a sign agreement of 61 % instead of 79 %.
 VARIANTS["robust-2"] = dict(VARIANTS["rms-log+growth+rprop"], loss_trust=0.5)
 VARIANTS["robust-2+rprop0.75"] = dict(VARIANTS["robust-2"], hyper_lr_rprop=(0.75, 1.2))
-# (f): (d)'s beta also grows while the 20-step mean of the normalised h asks for a smaller LR
-# with a z-score above 2 (issue 15's answer to the BatchNorm CNN's stall; the default since 2026-12-01).
+# (f): decreases of the LR get their own meta step, which also grows while the 20-step mean of
+# the normalised h asks for a smaller LR with a z-score above 2 (issue 15's answer to the
+# BatchNorm CNN's stall; the default since 2026-12-01).
 VARIANTS["robust-2+trend2"] = dict(VARIANTS["robust-2"], decay_trend=2.0)
 # The first version of (d), run first: with a cap of 1 single spikes cut eta 20-80x at once
 # and it took hundreds of steps to climb back.
