@@ -55,6 +55,68 @@ def test_frozen_means_no_relative_move_over_the_window():
     assert not study.frozen([0.1] * 20)                          # shorter than the window
 
 
+def test_averaging_table_takes_each_kind_of_E_from_its_own_best_config(tmp_path):
+    records = tmp_path / "records" / "s"
+    records.mkdir(parents=True)
+    last = study.LAST_REFRESHED
+    runs = [_run("robust-2", "beta=0.001", 0, 0.30) | {"E_avg": {last: 0.3, "ema0.99": 0.20, "uniform": 0.25}},
+            _run("robust-2", "beta=0.1", 0, 0.28) | {"E_avg": {last: 0.29, "ema0.99": 0.22, "uniform": None}},
+            _run("Exponential", "lr=0.1,to=0.1", 0, 0.26) | {"E_avg": {last: 0.2, "ema0.99": 0.24, "uniform": 0.23}},
+            _run("Exponential", "lr=1,to=0.1", 0, 0.27) | {"E_avg": {last: 0.1, "ema0.99": 0.21, "uniform": 0.29}},
+            _run("SF", "lr=0.3", 0, 0.19),                          # evaluated at its own average
+            _run("Constant", "lr=0.1", 0, 0.10)]                    # no E_avg (an older record): left out
+    for i, r in enumerate(runs):
+        (records / f"{i}.json").write_text(json.dumps(r))
+    table = study.averaging_table(tmp_path, "s", ["robust-2"])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:]}
+    # the last iterate's best beta is 0.1; the EMA's best is 0.001; a diverged average is inf
+    assert rows["robust-2"][:4] == ["0.2800 (0.1) / 0.2900", "0.2900 (0.1) / 0.2950", "0.2000 (0.001) / 0.2100",
+                                    "0.2500 (0.001) / inf"]
+    assert rows["Exponential"][:4] == ["0.2600 (lr=0.1,to=0.1)", "0.1000 (lr=1,to=0.1)", "0.2100 (lr=1,to=0.1)",
+                                       "0.2300 (lr=0.1,to=0.1)"]
+    assert rows["SF"][:4] == ["0.1900 (lr=0.3)"] * 4 and "Constant" not in rows
+
+
+def test_averaged_E_refreshes_batchnorm_statistics_before_evaluating():
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+
+    from marthe_experiments.models import build_model
+    from marthe_experiments.training import evaluate, recalibrate_bn
+
+    torch.manual_seed(0)
+    model = build_model("cnn", (1, 28, 28), 10)
+    data = SimpleNamespace(x_train=torch.randn(64, 1, 28, 28), x_val=torch.randn(32, 1, 28, 28),
+                           y_val=torch.randint(0, 10, (32,)))
+    batches = torch.arange(64).view(8, 8)
+    with torch.no_grad():  # weights away from the initial ones (whose output ignores the input)
+        for w in model.parameters():
+            w.add_(0.3 * torch.randn_like(w))
+    for m in model.modules():  # statistics that belong to other weights
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(5.0)
+    stale = evaluate(copy.deepcopy(model).eval(), data.x_val, data.y_val)[0]
+    expected = copy.deepcopy(model).train()
+    recalibrate_bn(expected, data.x_train, batches[:8])
+    refreshed = study.averaged_E(model, data, batches)
+    assert refreshed == pytest.approx(evaluate(expected.eval(), data.x_val, data.y_val)[0], rel=1e-6)
+    assert abs(refreshed - stale) > 0.01 and not model.training
+
+
+def test_replication_table_pairs_the_same_jobs_of_two_studies(tmp_path):
+    for name, E in (("a", (0.50, 0.60)), ("b", (0.55, 0.60))):
+        records = tmp_path / name / "records" / "s"
+        records.mkdir(parents=True)
+        for seed, e in enumerate(E):
+            (records / f"{seed}.json").write_text(json.dumps(_run("Constant", "lr=0.1", seed, e)))
+        (records / "x.json").write_text(json.dumps(_run("SF", "lr=1", 0, 0.4)))  # one side only in b
+    (tmp_path / "a" / "records" / "s" / "x.json").unlink()
+    table = study.replication_table(tmp_path / "b", tmp_path / "a", "s")
+    assert "| Constant | lr=0.1 | 0.5500 | 0.5750 | 10.0 % | 2 |" in table and "SF" not in table
+
+
 def test_the_whole_study_on_a_tiny_setup(tmp_path, monkeypatch):
     tiny = dataclasses.replace(study.SETUPS["digits"], n_train=200, n_val=60, steps=12, batch=20, val_batch=10,
                                hidden=(8,), constants=(0.1,), decay_to=(0.1,), sf_lrs=(0.1,))
@@ -67,8 +129,20 @@ def test_the_whole_study_on_a_tiny_setup(tmp_path, monkeypatch):
     assert len(runs) == 4 * 2 * 2 + 2 * 4
     run = json.loads((out / "records" / "digits" / "robust-2+trend2__beta=0.001__s0.json").read_text())
     assert len(run["lrs"]) == len(run["betas"]) == len(run["hs"]) == 12 and run["E"] > 0
+    # every run but schedule-free's (already an average) also records its iterate averages,
+    # which are other weights than the last iterate's
+    for path in runs:
+        rec = json.loads(path.read_text())
+        if rec["method"] == "SF":
+            assert rec["E_avg"] == {}
+        else:
+            assert set(rec["E_avg"]) == {*study.AVERAGES, study.LAST_REFRESHED}
+            assert all(e > 0 for e in rec["E_avg"].values()) and rec["E_avg"]["uniform"] != rec["E"]
+            # without BatchNorm, refreshing changes nothing: the last iterate's E again
+            assert rec["E_avg"][study.LAST_REFRESHED] == pytest.approx(rec["E"], rel=1e-4)
     table = (out / "table.md").read_text()
     assert "| digits | robust-2+trend2 |" in table and "| Constant |" in table
+    assert "## Iterate averages: digits" in table and "| ema0.99: best (config) |" in table
     assert (out / "lr_digits.png").stat().st_size > 0
     # resumes: nothing is run again, the files are untouched
     stamp = {p: p.stat().st_mtime_ns for p in runs}

@@ -18,7 +18,9 @@ MARTHE runs in val mode with a fresh validation mini-batch (seeded) at each step
 the whole split); E is the
 cross-entropy on the whole validation split after the last step. Baselines: a constant LR
 over a grid, exponential decay over a grid (start LR x final factor), schedule-free
-(SGD or AdamW, over an LR grid) and Prodigy.
+(SGD or AdamW, over an LR grid) and Prodigy. Every run but schedule-free's (which evaluates
+its own average) also records ``E_avg``: its last iterate with the BatchNorm statistics
+refreshed as schedule-free's average is evaluated, and two iterate averages kept beside it.
 
     python -m marthe_experiments.default_study --quick --out results/default_study
     python -m marthe_experiments.default_study --out results/default_study --report
@@ -42,17 +44,24 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .data import load_splits
-from .methods import MethodSpec, Protocol, Trainer
+from .methods import MethodSpec, Protocol, Trainer, has_batchnorm
 from .models import build_model
 from .report import jsonable, markdown_table
-from .training import batch_schedule, evaluate, train_run
+from .training import batch_schedule, evaluate, recalibrate_bn, train_run
 
 BETAS = (1e-4, 1e-3, 1e-2, 1e-1)
 CHANCE_LIKE = 1.5  # a final E above this (chance is ln 10 = 2.30) or non-finite: a collapse
 FAR = 1.5          # "far above the best run of its own grid"
 RECORDS = "records"
+# iterate averages recorded beside every run but schedule-free's (E_avg): an EMA of about 100
+# steps and the uniform average of all iterates (schedule-free's own weighting, c_t = 1/t)
+AVERAGES = {"ema0.99": get_ema_multi_avg_fn(0.99), "uniform": None}
+# ... and the last iterate evaluated the way those averages and schedule-free's are (BatchNorm
+# statistics refreshed first): which part of schedule-free's edge is only that refresh?
+LAST_REFRESHED = "last+bn-refresh"
 
 
 @dataclass(frozen=True)
@@ -180,16 +189,23 @@ def run_job(job: Job) -> dict:
     trainer = Trainer(spec, model, protocol)
     betas: list[float] = []
     hs: list[float] = []
-    if job.method in VARIANTS:
-        inner = trainer.step
+    # Iterate averages of the weights the method trains, kept beside the run (they do not
+    # change it): does averaging, schedule-free's edge, close the gap on its own?
+    # Schedule-free already evaluates its own average.
+    averages = {} if spec.family.startswith("SF") else {
+        name: AveragedModel(model, multi_avg_fn=fn, use_buffers=True) for name, fn in AVERAGES.items()}
+    inner = trainer.step
 
-        def step(train_loss, val_loss=None):
-            loss = inner(train_loss, val_loss)
+    def step(train_loss, val_loss=None):
+        loss = inner(train_loss, val_loss)
+        if job.method in VARIANTS:
             betas.append(float(trainer.opt.hyper_lr))
             hs.append(float(trainer.opt.last_hypergrad))
-            return loss
+        for avg in averages.values():
+            avg.update_parameters(model)
+        return loss
 
-        trainer.step = step
+    trainer.step = step
     started = time.perf_counter()
     if harness["val_batch"] >= s.n_val:  # the whole split every step (the demo's setting)
         def val_batch(t):
@@ -205,11 +221,26 @@ def run_job(job: Job) -> dict:
                     eval_every=s.steps // 3, progress=False, val_bn=harness["val_bn"])
     seconds = time.perf_counter() - started
     E = log.val_loss[-1]
+    E_avg = {name: averaged_E(avg.module, data, batches) if math.isfinite(E) else None
+             for name, avg in averages.items()}
+    if averages:  # the last iterate under the same evaluation (in place: the run is over)
+        E_avg[LAST_REFRESHED] = averaged_E(model, data, batches) if math.isfinite(E) else None
     return dict(setup=job.setup, method=job.method, config=job.config, seed=job.seed,
-                E=E if math.isfinite(E) else None, acc=log.val_acc[-1],
+                E=E if math.isfinite(E) else None, E_avg=E_avg, acc=log.val_acc[-1],
                 val_curve=log.val_loss, eval_steps=log.eval_steps, lrs=log.lrs, betas=betas, hs=hs,
                 train_loss=log.train_loss, skipped=log.skipped_steps, diverged_at=log.diverged_at,
                 seconds=seconds)
+
+
+def averaged_E(module: torch.nn.Module, data, batches: torch.Tensor) -> Optional[float]:
+    """E of averaged weights, evaluated as schedule-free's average is (methods.Trainer.evaluation):
+    BatchNorm statistics refreshed on 8 training batches, then eval mode."""
+    if has_batchnorm(module):
+        module.train()
+        recalibrate_bn(module, data.x_train, batches[:8])
+    module.eval()
+    e = evaluate(module, data.x_val, data.y_val)[0]
+    return e if math.isfinite(e) else None
 
 
 def _rounded(obj):
@@ -385,6 +416,67 @@ def report(out: Path, variants: Optional[list[str]] = None) -> str:
     return "\n".join(lines)
 
 
+AVERAGING_LEGEND = (
+    "\nEach column takes its own best configuration (mean E over seeds; MARTHE: best / median over "
+    "beta). The BatchNorm refresh (8 training batches in train mode, then eval mode) is how "
+    "schedule-free's average is evaluated, and it comes before every average's E too; the "
+    "last iterate's E is the study's. ema0.99: an EMA of the weights (about 100 steps); uniform: "
+    "the mean of all iterates (torch.optim.swa_utils.AveragedModel, buffers averaged too).\n")
+
+
+def _E_avg(run: dict, average: Optional[str]) -> float:
+    """E of the run's last iterate (average None) or of one of its iterate averages; a
+    schedule-free run is its own average (it evaluates its averaged weights)."""
+    if average is None or run["method"] == "SF":
+        return _E(run)
+    value = (run.get("E_avg") or {}).get(average)
+    return math.inf if value is None else value
+
+
+def averaging_table(out: Path, setup: str, variants: list[str]) -> str:
+    """Per method: the best config's mean E (MARTHE: best / median over beta) for the last
+    iterate and for each iterate average, every cell from the same runs."""
+    runs = [r for r in load_runs(out, setup) if "E_avg" in r or r["method"] == "SF"]
+    groups = config_means(runs)
+    kinds = [None, LAST_REFRESHED, *AVERAGES]
+    rows = []
+    for method in [*variants, "Constant", "Exponential", "SF", "Prodigy"]:
+        configs = {c: rs for (m, c), rs in groups.items() if m == method}
+        if not configs:
+            continue
+        cells = []
+        for kind in kinds:
+            means = {c: _mean([_E_avg(r, kind) for r in rs]) for c, rs in configs.items()}
+            best = min(means, key=means.get)
+            label = best.split("=", 1)[1] if method in VARIANTS else (best or "-")
+            cell = f"{means[best]:.4f} ({label})"
+            if method in VARIANTS:
+                cell += f" / {statistics.median(means.values()):.4f}"
+            cells.append(cell)
+        rows.append([method, *cells, str(max(len(rs) for rs in configs.values()))])
+    return markdown_table(["method", "last iterate: best (config)",
+                           "last iterate, BatchNorm refreshed: best (config)",
+                           *(f"{k}: best (config)" for k in AVERAGES), "seeds"], rows) + AVERAGING_LEGEND
+
+
+def replication_table(out: Path, other: Path, setup: str) -> str:
+    """The same jobs run twice (two machines, so two float roundings): the mean E of each
+    config in both, and how far apart the single runs are."""
+    here = {(r["method"], r["config"], r["seed"]): _E(r) for r in load_runs(out, setup)}
+    there = {(r["method"], r["config"], r["seed"]): _E(r) for r in load_runs(other, setup)}
+    both = sorted(k for k in here if k in there)
+    rows = []
+    for method, config in sorted({k[:2] for k in both}):
+        pairs = [(here[k], there[k]) for k in both if k[:2] == (method, config)]
+        if not all(math.isfinite(a) and math.isfinite(b) for a, b in pairs):
+            continue
+        rel = [abs(a / b - 1) for a, b in pairs]
+        rows.append([method, config or "-", f"{_mean([b for _, b in pairs]):.4f}",
+                     f"{_mean([a for a, _ in pairs]):.4f}", f"{100 * max(rel):.1f} %", str(len(pairs))])
+    return markdown_table(["method", "config", f"mean E ({other})", f"mean E ({out})",
+                           "largest single-run difference", "seeds"], rows)
+
+
 def summary_table(out: Path, variants: list[str]) -> str:
     """One row per (setup, variant): best and median over beta of the mean E over seeds
     against the best baseline of the same harness, and the failures."""
@@ -450,6 +542,8 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="digits only, 2 seeds (about 3 minutes)")
     p.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     p.add_argument("--report", action="store_true", help="only print the tables of --out")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="another study's directory holding the same jobs: tabulate how far apart they are")
     p.add_argument("--plot-variants", default=None,
                    help="the variants drawn in lr_<setup>.png (default: those of --variants)")
     a = p.parse_args(argv)
@@ -471,6 +565,12 @@ def main(argv=None) -> None:
     shown = variants + list(RETIRED)  # retired rules' records are listed wherever they exist
     text = ("## Summary\n\n" + summary_table(a.out, shown) + "\n\n" + LEGEND + "\n\n## Per setup\n\n"
             + report(a.out, shown))
+    for setup in setups:
+        if any("E_avg" in r for r in (load_runs(a.out, setup) if (a.out / RECORDS / setup).exists() else [])):
+            text += f"\n## Iterate averages: {setup}\n\n" + averaging_table(a.out, setup, variants)
+    if a.compare:
+        for setup in setups:
+            text += f"\n## The same jobs in {a.compare}: {setup}\n\n" + replication_table(a.out, a.compare, setup)
     (a.out / "table.md").write_text(text + "\n")
     for setup in setups:
         if (a.out / RECORDS / setup).exists():
