@@ -170,3 +170,35 @@ def test_robust_2_trend2_is_the_library_default_and_robust_2_robust_1_the_previo
     old = marthe_ext.Marthe(w, **study.VARIANTS["robust-1"])
     assert (before.loss_trust, before.decay_trend) == (0.5, None)
     assert (old.hyper_lr_rprop, old.loss_trust, old.decay_trend) == ((0.5, 1.2), None, None)
+
+
+def test_a_missing_data_set_stops_the_study_and_a_run_that_raised_is_tried_again(tmp_path, monkeypatch):
+    from marthe_experiments.data import DataError
+
+    tiny = dataclasses.replace(study.SETUPS["digits"], n_train=200, n_val=60, steps=4, batch=20, val_batch=10,
+                               hidden=(8,))
+    monkeypatch.setattr(study, "SETUPS", {"digits": tiny})
+    monkeypatch.setattr(study, "BETAS", (1e-3,))
+    out = tmp_path / "study"
+    args = (out, ["digits"], ["robust-2+trend2"], [0], False, 1)
+    real = study.run_job
+
+    def no_data(job):
+        raise DataError("digits: data directory /nowhere does not exist")
+
+    monkeypatch.setattr(study, "run_job", no_data)
+    with pytest.raises(DataError, match="/nowhere"):
+        study.run_study(*args)
+    assert list((out / "records" / "digits").glob("*.json")) == []  # nothing cached as a result
+
+    def broken(job):
+        raise ValueError("a bug in one run")
+
+    monkeypatch.setattr(study, "run_job", broken)
+    study.run_study(*args)  # any other failure is recorded and the study goes on
+    path = out / "records" / "digits" / "robust-2+trend2__beta=0.001__s0.json"
+    assert json.loads(path.read_text())["error"] == "ValueError: a bug in one run"
+    monkeypatch.setattr(study, "run_job", real)
+    study.run_study(*args)  # ... and run again next time
+    rec = json.loads(path.read_text())
+    assert "error" not in rec and rec["E"] > 0

@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .data import load_splits
+from .data import DataError, load_splits
 from .methods import MethodSpec, Protocol, Trainer, has_batchnorm
 from .models import build_model
 from .report import jsonable, markdown_table
@@ -260,6 +260,8 @@ def _run_and_write(args: tuple[Job, str]) -> str:
     started = time.perf_counter()
     try:
         result = run_job(job)
+    except DataError:  # the machine lacks a data set: stop with its message, record nothing
+        raise
     except Exception as exc:  # a failed run is recorded, not lost, and the study goes on
         result = dict(setup=job.setup, method=job.method, config=job.config, seed=job.seed,
                       E=None, error=f"{type(exc).__name__}: {exc}")
@@ -279,8 +281,8 @@ def run_study(out: Path, setups: list[str], variants: list[str], seeds: list[int
         (out / RECORDS / name).mkdir(parents=True, exist_ok=True)
         for job in jobs_for(name, variants, seeds, baselines, betas):
             path = out / RECORDS / name / f"{job.name}.json"
-            if not path.exists():
-                todo.append((job, str(path)))
+            if not path.exists() or "error" in json.loads(path.read_text()):
+                todo.append((job, str(path)))  # a run that raised is tried again
     print(f"{len(todo)} runs to do", flush=True)
     if workers <= 1:
         for item in todo:
