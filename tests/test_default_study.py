@@ -202,3 +202,16 @@ def test_a_missing_data_set_stops_the_study_and_a_run_that_raised_is_tried_again
     study.run_study(*args)  # ... and run again next time
     rec = json.loads(path.read_text())
     assert "error" not in rec and rec["E"] > 0
+
+
+def test_a_variant_can_start_from_a_multiple_of_the_setups_eta0(monkeypatch):
+    tiny = dataclasses.replace(study.SETUPS["digits"], n_train=200, n_val=60, steps=3, batch=20, val_batch=10,
+                               hidden=(8,))
+    monkeypatch.setattr(study, "SETUPS", {"digits": tiny})
+    first = {}
+    for variant in ("robust-2+trend2", "robust-2+trend2@eta0x3"):
+        rec = study.run_job(study.Job("digits", variant, "beta=0.001", 0))
+        first[variant] = rec["lrs"][0]
+    # (b) bounds one relative step by beta / sqrt(1 - 0.99) = 1 %, (a') growth by 10 %
+    assert first["robust-2+trend2"] == pytest.approx(tiny.eta0, rel=0.011)
+    assert first["robust-2+trend2@eta0x3"] == pytest.approx(3 * tiny.eta0, rel=0.011)
