@@ -132,6 +132,7 @@ VARIANTS["robust-2+trend1"] = {**VARIANTS["robust-2+trend2"], "decay_trend": 1.0
 # the horizon, probed from the start: the default from 3x eta0, where the best tuned decay of
 # both CNN setups starts (SGDM 0.3, Adam 0.01 against eta0 0.1 and 0.003)
 VARIANTS["robust-2+trend2@eta0x3"] = {**VARIANTS["robust-2+trend2"], "eta0_scale": 3.0}
+VARIANTS["robust-2+trend1@eta0x3"] = {**VARIANTS["robust-2+trend1"], "eta0_scale": 3.0}
 
 
 @dataclass(frozen=True)
