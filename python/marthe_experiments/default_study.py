@@ -50,7 +50,7 @@ from .data import DataError, load_splits
 from .methods import MethodSpec, Protocol, Trainer, has_batchnorm
 from .models import build_model
 from .report import jsonable, markdown_table
-from .training import batch_schedule, evaluate, recalibrate_bn, train_run
+from .training import BN_REFRESH_BATCHES, batch_schedule, evaluate, recalibrate_bn, train_run
 
 BETAS = (1e-4, 1e-3, 1e-2, 1e-1)
 CHANCE_LIKE = 1.5  # a final E above this (chance is ln 10 = 2.30) or non-finite: a collapse
@@ -240,10 +240,10 @@ def run_job(job: Job) -> dict:
 
 def averaged_E(module: torch.nn.Module, data, batches: torch.Tensor) -> Optional[float]:
     """E of averaged weights, evaluated as schedule-free's average is (methods.Trainer.evaluation):
-    BatchNorm statistics refreshed on 8 training batches, then eval mode."""
+    BatchNorm statistics refreshed on the first training batches, then eval mode."""
     if has_batchnorm(module):
         module.train()
-        recalibrate_bn(module, data.x_train, batches[:8])
+        recalibrate_bn(module, data.x_train, batches[:BN_REFRESH_BATCHES])
     module.eval()
     e = evaluate(module, data.x_val, data.y_val)[0]
     return e if math.isfinite(e) else None
@@ -426,7 +426,7 @@ def report(out: Path, variants: Optional[list[str]] = None) -> str:
 
 AVERAGING_LEGEND = (
     "\nEach column takes its own best configuration (mean E over seeds; MARTHE: best / median over "
-    "beta). The BatchNorm refresh (8 training batches in train mode, then eval mode) is how "
+    f"beta). The BatchNorm refresh ({BN_REFRESH_BATCHES} training batches in train mode, then eval mode) is how "
     "schedule-free's average is evaluated, and it comes before every average's E too; the "
     "last iterate's E is the study's. ema0.99: an EMA of the weights (about 100 steps); uniform: "
     "the mean of all iterates (torch.optim.swa_utils.AveragedModel, buffers averaged too).\n")
@@ -441,10 +441,13 @@ def _E_avg(run: dict, average: Optional[str]) -> float:
     return math.inf if value is None else value
 
 
-def averaging_table(out: Path, setup: str, variants: list[str]) -> str:
+def averaging_table(out: Path, setup: str, variants: list[str]) -> Optional[str]:
     """Per method: the best config's mean E (MARTHE: best / median over beta) for the last
-    iterate and for each iterate average, every cell from the same runs."""
+    iterate and for each iterate average, every cell from the same runs (None: no run of the
+    setup recorded them)."""
     runs = [r for r in load_runs(out, setup) if "E_avg" in r or r["method"] == "SF"]
+    if not any("E_avg" in r for r in runs):
+        return None  # records from before E_avg: nothing to tabulate
     groups = config_means(runs)
     kinds = [None, LAST_REFRESHED, *AVERAGES]
     rows = []
@@ -574,8 +577,9 @@ def main(argv=None) -> None:
     text = ("## Summary\n\n" + summary_table(a.out, shown) + "\n\n" + LEGEND + "\n\n## Per setup\n\n"
             + report(a.out, shown))
     for setup in setups:
-        if any("E_avg" in r for r in (load_runs(a.out, setup) if (a.out / RECORDS / setup).exists() else [])):
-            text += f"\n## Iterate averages: {setup}\n\n" + averaging_table(a.out, setup, variants)
+        table = averaging_table(a.out, setup, variants)
+        if table is not None:
+            text += f"\n## Iterate averages: {setup}\n\n" + table
     if a.compare:
         for setup in setups:
             text += f"\n## The same jobs in {a.compare}: {setup}\n\n" + replication_table(a.out, a.compare, setup)

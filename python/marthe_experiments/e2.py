@@ -29,7 +29,7 @@ from .data import load_splits
 from .methods import MethodSpec, Protocol, Trainer, availability, from_preset, log_uniform
 from .models import build_model
 from .report import downsample, markdown_table, write_csv, write_json
-from .training import batch_schedule, evaluate, recalibrate_bn, train_run
+from .training import BN_REFRESH_BATCHES, batch_schedule, evaluate, recalibrate_bn, train_run
 
 PROTOCOLS = {
     "sgdm": dict(dynamics="sgdm", lr=0.1, momentum=0.9),
@@ -132,7 +132,7 @@ def run_e2(cfg: E2Config, out: Path, progress: bool = True, device: str = "cpu")
                         eval_every=steps_per_epoch, steps_per_epoch=steps_per_epoch, progress=progress,
                         desc=f"{model_name}/{protocol_name}/{spec.label}/seed {seed}")
         if log.diverged_at is None:
-            with trainer.evaluation(recalibrate=lambda: recalibrate_bn(model, data.x_train, batches[:8])):
+            with trainer.evaluation(recalibrate=lambda: recalibrate_bn(model, data.x_train, batches[:BN_REFRESH_BATCHES])):
                 test_loss, test_acc = evaluate(model, data.x_test, data.y_test, batch_size=500)
         else:
             test_loss, test_acc = float("inf"), float("nan")

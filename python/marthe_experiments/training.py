@@ -75,7 +75,7 @@ def train_run(trainer: Trainer, x: Tensor, y: Tensor, batches: Tensor, *,
     uses_val = trainer.family in ("HD", "RTHO", "MARTHE") and val_batch is not None
 
     def record_eval(step: int) -> None:
-        with trainer.evaluation(recalibrate=lambda: recalibrate_bn(model, x, batches[:8])):
+        with trainer.evaluation(recalibrate=lambda: recalibrate_bn(model, x, batches[:BN_REFRESH_BATCHES])):
             loss, acc = evaluator()
         log.eval_steps.append(step)
         log.val_loss.append(loss)
@@ -137,6 +137,11 @@ def _val_closure(model: nn.Module, xv: Tensor, yv: Tensor, bn: bool, val_bn: str
             return F.cross_entropy(model(xv), yv)
 
     return val_loss
+
+
+# How many training batches refresh BatchNorm statistics before a schedule-free average (or
+# any weights not trained at as they are) is evaluated.
+BN_REFRESH_BATCHES = 8
 
 
 @torch.no_grad()
