@@ -221,3 +221,44 @@ def test_a_variant_can_start_from_a_multiple_of_the_setups_eta0(monkeypatch):
     # (b) bounds one relative step by beta / sqrt(1 - 0.99) = 1 %, (a') growth by 10 %
     assert first["robust-2+trend2"] == pytest.approx(tiny.eta0, rel=0.011)
     assert first["robust-2+trend2@eta0x3"] == pytest.approx(3 * tiny.eta0, rel=0.011)
+
+
+def test_the_ema_hypergradient_is_that_of_the_iterates_average_and_leaves_the_weights_as_they_were():
+    import torch
+
+    import marthe_ext
+
+    torch.manual_seed(0)
+    x, y, xv, yv = torch.randn(16, 3), torch.randn(16), torch.randn(8, 3), torch.randn(8)
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = marthe_ext.Marthe([w], lr=0.05, safeguards=None, mu=0.9)
+    d = 0.8
+    study.ema_hypergradient(opt, d)
+    seen = []  # the weights each validation pass sees
+
+    def val_loss():
+        seen.append(w.detach().clone())
+        return ((xv @ w - yv) ** 2).mean()
+
+    starts, lrs = [], []  # the weights each update starts from, and its LR
+
+    def train_loss():
+        starts.append(w.detach().clone())
+        return ((x @ w - y) ** 2).mean()
+
+    w_bar = z_bar = None
+    for _ in range(4):
+        lrs.append(opt.lr)
+        opt.step(train_loss, val_loss)
+        w_now, z_now = w.detach().clone(), opt.state[w]["tangent"].clone()
+        w_bar = w_now if w_bar is None else d * w_bar + (1 - d) * w_now
+        z_bar = z_now if z_bar is None else d * z_bar + (1 - d) * z_now
+        assert torch.allclose(seen[-1], w_bar, atol=1e-7)  # E is taken at the average ...
+        grad_e = 2 * xv.T @ (xv @ w_bar - yv) / len(yv)
+        assert opt.last_hypergrad == pytest.approx(float(grad_e @ z_bar), rel=1e-5)  # ... along Z_bar
+    # each SGD update starts where the previous one ended, not at the average the
+    # validation pass saw: the pass puts the last iterate back
+    assert not torch.allclose(w_now, w_bar)
+    for t in range(3):
+        grad = 2 * x.T @ (x @ starts[t] - y) / len(y)
+        assert torch.allclose(starts[t + 1], starts[t] - lrs[t] * grad, atol=1e-6)

@@ -50,6 +50,8 @@ from .data import DataError, load_splits
 from .methods import MethodSpec, Protocol, Trainer, has_batchnorm
 from .models import build_model
 from .report import jsonable, markdown_table
+from marthe_ext.hypergrad import validation_gradient
+
 from .training import BN_REFRESH_BATCHES, batch_schedule, evaluate, recalibrate_bn, train_run
 
 BETAS = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -103,7 +105,8 @@ SETUPS = {
 # not Marthe options but the harness's: the validation closure's BatchNorm mode ("eval":
 # running statistics), mu, the validation examples per hypergradient (None: the setup's) and
 # a factor on the setup's start LR eta0.
-HARNESS_DEFAULTS = {"val_bn": "eval", "mu": 0.99, "val_batch": None, "eta0_scale": 1.0}
+HARNESS_DEFAULTS = {"val_bn": "eval", "mu": 0.99, "val_batch": None, "eta0_scale": 1.0,
+                    "hypergrad_at_ema": None}
 ROBUST_1 = {"safeguards": None, "hypergrad_norm": "rms-log", "max_lr_growth": 1.1,
             "hyper_lr_rprop": (0.5, 1.2), "hyper_lr_bounds": (1e-6, 0.1)}   # the default until 2026-12-01
 VARIANTS: dict[str, dict] = {
@@ -133,6 +136,12 @@ VARIANTS["robust-2+trend1"] = {**VARIANTS["robust-2+trend2"], "decay_trend": 1.0
 # both CNN setups starts (SGDM 0.3, Adam 0.01 against eta0 0.1 and 0.003)
 VARIANTS["robust-2+trend2@eta0x3"] = {**VARIANTS["robust-2+trend2"], "eta0_scale": 3.0}
 VARIANTS["robust-2+trend1@eta0x3"] = {**VARIANTS["robust-2+trend1"], "eta0_scale": 3.0}
+# A horizon-aware hypergradient, prototyped in the harness (ema_hypergradient below): h of the
+# EMA of the iterates, <grad E(w_bar), Z_bar>, with Z_bar = d w_bar / d eta the same EMA of
+# the tangents; about 1 / (1 - d) steps of horizon. Measured worse (results/averaging,
+# finding 7), so not a library option.
+VARIANTS["robust-2+trend2@ema0.99"] = {**VARIANTS["robust-2+trend2"], "hypergrad_at_ema": 0.99}
+VARIANTS["robust-2+trend2@ema0.95"] = {**VARIANTS["robust-2+trend2"], "hypergrad_at_ema": 0.95}
 
 
 @dataclass(frozen=True)
@@ -193,6 +202,8 @@ def run_job(job: Job) -> dict:
         else:
             spec = MethodSpec("Prodigy")
     trainer = Trainer(spec, model, protocol)
+    if job.method in VARIANTS and harness["hypergrad_at_ema"] is not None:
+        ema_hypergradient(trainer.opt, harness["hypergrad_at_ema"])
     betas: list[float] = []
     hs: list[float] = []
     # Iterate averages of the weights the method trains, kept beside the run (they do not
@@ -236,6 +247,40 @@ def run_job(job: Job) -> dict:
                 val_curve=log.val_loss, eval_steps=log.eval_steps, lrs=log.lrs, betas=betas, hs=hs,
                 train_loss=log.train_loss, skipped=log.skipped_steps, diverged_at=log.diverged_at,
                 seconds=seconds)
+
+
+def ema_hypergradient(opt, decay: float) -> None:
+    r"""A study prototype, not a library mode: ``opt``'s validation hypergradient becomes that
+    of the EMA of its iterates, :math:`\langle \nabla E(\bar w), \bar Z \rangle` with
+    :math:`\bar w \leftarrow d \bar w + (1-d) w` and :math:`\bar Z \leftarrow d \bar Z + (1-d) Z`
+    (so :math:`\bar Z = d\bar w / d\eta`), both from the first hypergradient's w and Z. The
+    one-step hypergradient sees a large LR's bounce across a valley, which averaging removes,
+    and not its faster progress along it: a short-horizon bias towards small LRs."""
+    protocol = opt._protocol
+    avg: dict[str, list] = {}
+
+    def hypergradient(val_closure, params, tangents):
+        weights = [p.detach() for p in params]
+        with torch.no_grad():
+            if not avg:
+                avg["w"] = [w.clone() for w in weights]
+                avg["z"] = [z.clone() for z in tangents]
+            else:
+                torch._foreach_lerp_(avg["w"], weights, 1 - decay)
+                torch._foreach_lerp_(avg["z"], list(tangents), 1 - decay)
+            saved = [w.clone() for w in weights]
+            torch._foreach_copy_(weights, avg["w"])
+        try:
+            grad_e = validation_gradient(val_closure, params)
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(weights, saved)
+        pairs = [(g, z) for g, z in zip(grad_e, avg["z"]) if g is not None]
+        h = protocol._sum([protocol.backend.clipped_dot(
+            [g for g, _ in pairs], [z for _, z in pairs], clip=protocol.config.grad_clip)])
+        return h, grad_e
+
+    protocol._validation_hypergrad = hypergradient
 
 
 def averaged_E(module: torch.nn.Module, data, batches: torch.Tensor) -> Optional[float]:
