@@ -223,7 +223,8 @@ def test_a_variant_can_start_from_a_multiple_of_the_setups_eta0(monkeypatch):
     assert first["robust-2+trend2@eta0x3"] == pytest.approx(3 * tiny.eta0, rel=0.011)
 
 
-def test_the_ema_hypergradient_is_that_of_the_iterates_average_and_leaves_the_weights_as_they_were():
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_the_ema_hypergradient_is_that_of_the_iterates_average_and_leaves_the_weights_as_they_were(weight):
     import torch
 
     import marthe_ext
@@ -233,7 +234,7 @@ def test_the_ema_hypergradient_is_that_of_the_iterates_average_and_leaves_the_we
     w = torch.nn.Parameter(torch.randn(3))
     opt = marthe_ext.Marthe([w], lr=0.05, safeguards=None, mu=0.9)
     d = 0.8
-    study.ema_hypergradient(opt, d)
+    study.ema_hypergradient(opt, d, weight)
     seen = []  # the weights each validation pass sees
 
     def val_loss():
@@ -254,8 +255,14 @@ def test_the_ema_hypergradient_is_that_of_the_iterates_average_and_leaves_the_we
         w_bar = w_now if w_bar is None else d * w_bar + (1 - d) * w_now
         z_bar = z_now if z_bar is None else d * z_bar + (1 - d) * z_now
         assert torch.allclose(seen[-1], w_bar, atol=1e-7)  # E is taken at the average ...
-        grad_e = 2 * xv.T @ (xv @ w_bar - yv) / len(yv)
-        assert opt.last_hypergrad == pytest.approx(float(grad_e @ z_bar), rel=1e-5)  # ... along Z_bar
+        def grad_e(v):
+            return 2 * xv.T @ (xv @ v - yv) / len(yv)
+
+        h = float(grad_e(w_bar) @ z_bar)  # ... along Z_bar; with weight < 1, mixed with the one-step h
+        if weight < 1:
+            assert torch.equal(seen[-2], w_now)
+            h = (1 - weight) * float(grad_e(w_now) @ z_now) + weight * h
+        assert opt.last_hypergrad == pytest.approx(h, rel=1e-5)
     # each SGD update starts where the previous one ended, not at the average the
     # validation pass saw: the pass puts the last iterate back
     assert not torch.allclose(w_now, w_bar)

@@ -106,7 +106,7 @@ SETUPS = {
 # running statistics), mu, the validation examples per hypergradient (None: the setup's) and
 # a factor on the setup's start LR eta0.
 HARNESS_DEFAULTS = {"val_bn": "eval", "mu": 0.99, "val_batch": None, "eta0_scale": 1.0,
-                    "hypergrad_at_ema": None}
+                    "hypergrad_at_ema": None, "ema_weight": 1.0}
 ROBUST_1 = {"safeguards": None, "hypergrad_norm": "rms-log", "max_lr_growth": 1.1,
             "hyper_lr_rprop": (0.5, 1.2), "hyper_lr_bounds": (1e-6, 0.1)}   # the default until 2026-12-01
 VARIANTS: dict[str, dict] = {
@@ -142,6 +142,8 @@ VARIANTS["robust-2+trend1@eta0x3"] = {**VARIANTS["robust-2+trend1"], "eta0_scale
 # finding 7), so not a library option.
 VARIANTS["robust-2+trend2@ema0.99"] = {**VARIANTS["robust-2+trend2"], "hypergrad_at_ema": 0.99}
 VARIANTS["robust-2+trend2@ema0.95"] = {**VARIANTS["robust-2+trend2"], "hypergrad_at_ema": 0.95}
+# ... and halfway between the two horizons: the mean of the one-step h and the EMA's h
+VARIANTS["robust-2+trend2@ema0.99mix"] = {**VARIANTS["robust-2+trend2@ema0.99"], "ema_weight": 0.5}
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,7 @@ def run_job(job: Job) -> dict:
             spec = MethodSpec("Prodigy")
     trainer = Trainer(spec, model, protocol)
     if job.method in VARIANTS and harness["hypergrad_at_ema"] is not None:
-        ema_hypergradient(trainer.opt, harness["hypergrad_at_ema"])
+        ema_hypergradient(trainer.opt, harness["hypergrad_at_ema"], harness["ema_weight"])
     betas: list[float] = []
     hs: list[float] = []
     # Iterate averages of the weights the method trains, kept beside the run (they do not
@@ -249,17 +251,21 @@ def run_job(job: Job) -> dict:
                 seconds=seconds)
 
 
-def ema_hypergradient(opt, decay: float) -> None:
+def ema_hypergradient(opt, decay: float, weight: float = 1.0) -> None:
     r"""A study prototype, not a library mode: ``opt``'s validation hypergradient becomes that
     of the EMA of its iterates, :math:`\langle \nabla E(\bar w), \bar Z \rangle` with
     :math:`\bar w \leftarrow d \bar w + (1-d) w` and :math:`\bar Z \leftarrow d \bar Z + (1-d) Z`
     (so :math:`\bar Z = d\bar w / d\eta`), both from the first hypergradient's w and Z. The
     one-step hypergradient sees a large LR's bounce across a valley, which averaging removes,
-    and not its faster progress along it: a short-horizon bias towards small LRs."""
+    and not its faster progress along it: a short-horizon bias towards small LRs. ``weight``
+    < 1 takes ``(1 - weight) h + weight h_bar`` with the one-step h (a second validation
+    pass, at the last iterate)."""
     protocol = opt._protocol
+    one_step = protocol._validation_hypergrad
     avg: dict[str, list] = {}
 
     def hypergradient(val_closure, params, tangents):
+        h_now, grad_now = one_step(val_closure, params, tangents) if weight < 1 else (0.0, None)
         weights = [p.detach() for p in params]
         with torch.no_grad():
             if not avg:
@@ -278,6 +284,8 @@ def ema_hypergradient(opt, decay: float) -> None:
         pairs = [(g, z) for g, z in zip(grad_e, avg["z"]) if g is not None]
         h = protocol._sum([protocol.backend.clipped_dot(
             [g for g, _ in pairs], [z for _, z in pairs], clip=protocol.config.grad_clip)])
+        if weight < 1:
+            return (1 - weight) * h_now + weight * h, grad_now
         return h, grad_e
 
     protocol._validation_hypergrad = hypergradient
