@@ -79,11 +79,17 @@ def explained(name: str, engine: Callable) -> Callable:
             if kind is None:
                 raise
             detail = str(exc).strip().splitlines()[0]
-            extra = ("" if kind == "double backward" else
-                     " (a custom autograd.Function without a jvp in the model fails the same way)")
+            if kind == "double backward":
+                raise CompiledModelError(
+                    f"hvp={name!r} needs double backward AD through the closure, which torch cannot do "
+                    f"through a torch.compile'd model: {_advice(name)}. torch said: {detail}") from exc
+            # The same message comes from an eager op that has no forward-mode derivative.
             raise CompiledModelError(
-                f"hvp={name!r} needs {kind} AD through the closure, which torch cannot do through a "
-                f"torch.compile'd model{extra}: {_advice(name)}. torch said: {detail}") from exc
+                f"hvp={name!r} needs forward-mode AD through the closure, which torch cannot do through "
+                f"a torch.compile'd model, nor through an op without a forward-mode derivative (e.g. "
+                f"F.huber_loss, F.soft_margin_loss, F.multi_margin_loss, a custom autograd.Function "
+                f"without jvp). With a compiled model {_advice(name)}; with an eager model use "
+                f"hvp='reverse' (exact) or hvp='auto'. torch said: {detail}") from exc
 
     return run
 

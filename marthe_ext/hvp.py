@@ -37,8 +37,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode
 
 from . import _profiling
 from . import compiled as _compiled
@@ -303,6 +305,34 @@ def reverse_engine(closure, params, tangents, need_hvp: bool, model=None):
     return loss.detach(), [None if g is None else g.detach() for g in grads], hvps
 
 
+class _ZeroTangentLossTargets(TorchFunctionMode):
+    """The forward engine's closure runs in this mode: ``F.mse_loss`` gets a target with an
+    explicit zero tangent where it has none.
+
+    torch's forward-mode derivative of ``mse_loss_backward`` (reduction "mean") divides the
+    target's tangent in place, and a target without one has an immutable ZeroTensor there:
+    forward-over-reverse then fails with "ZeroTensors are immutable" (pytorch/pytorch#123996,
+    open from torch 2.3 to at least 2.15). With a real zero tangent the result is the same
+    (the target's tangent is zero either way). Every other op passes through untouched."""
+
+    _MSE = (F.mse_loss, torch._C._nn.mse_loss)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self._MSE:
+            if "target" in kwargs:
+                kwargs["target"] = _with_zero_tangent(kwargs["target"])
+            elif len(args) > 1:
+                args = (args[0], _with_zero_tangent(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+
+def _with_zero_tangent(t):
+    if isinstance(t, Tensor) and t.is_floating_point() and fwAD.unpack_dual(t).tangent is None:
+        return fwAD.make_dual(t, torch.zeros_like(t))
+    return t
+
+
 def forward_engine(closure, params, tangents, need_hvp: bool, model=None):
     if model is None:
         raise ValueError("hvp='forward' needs the model: Marthe(..., model=my_module)")
@@ -310,7 +340,7 @@ def forward_engine(closure, params, tangents, need_hvp: bool, model=None):
         return reverse_engine(closure, params, tangents, False)
     with _profiling.phase("gradient+hvp"), torch.enable_grad(), fwAD.dual_level():
         duals = {id(p): fwAD.make_dual(p, z) for p, z in zip(params, tangents)}
-        with swapped_parameters(model, duals):
+        with swapped_parameters(model, duals), _ZeroTangentLossTargets():
             loss = call_closure(closure)
         grads = _grad(loss, params)
         out_g, out_h = [], []

@@ -237,3 +237,59 @@ def test_preserved_buffers_keeps_validation_data_out_of_the_running_statistics()
     leaky = copy.deepcopy(plain)
     nn.functional.cross_entropy(leaky(xv), yv)
     assert not torch.allclose(leaky[1].running_mean, plain[1].running_mean)
+
+
+# Regression losses through the forward engine. torch's forward-mode derivative of
+# mse_loss_backward (reduction "mean") fails on a target without a tangent (pytorch#123996);
+# the engine gives the target a zero tangent. A target that depends on the weights keeps its
+# own tangent.
+MSE_CLOSURES = {
+    "functional": lambda m, x, y: nn.functional.mse_loss(m(x), y),
+    "keyword target": lambda m, x, y: nn.functional.mse_loss(input=m(x), target=y),
+    "module": lambda m, x, y: nn.MSELoss()(m(x), y),
+    "sum": lambda m, x, y: nn.functional.mse_loss(m(x), y, reduction="sum"),
+    "target from the weights": lambda m, x, y: nn.functional.mse_loss(m(x), torch.tanh(m(2 * x))),
+}
+
+
+@pytest.mark.parametrize("loss", list(MSE_CLOSURES))
+@pytest.mark.parametrize("engine", ["forward", "forward-eager"])
+def test_forward_engine_takes_mse_loss_and_agrees_with_reverse(loss, engine):
+    torch.manual_seed(3)
+    model = mlp()
+    x, y = torch.randn(7, 6, dtype=F64), torch.randn(7, 3, dtype=F64)
+    params = list(model.parameters())
+    tangents = [torch.randn_like(p) for p in params]
+    closure = lambda: MSE_CLOSURES[loss](model, x, y)  # noqa: E731
+    ref_loss, ref_g, ref_h = ENGINES["reverse"](closure, params, tangents, True)
+    out_loss, out_g, out_h = ENGINES[engine](closure, params, tangents, True, model)
+    assert float(out_loss) == pytest.approx(float(ref_loss), rel=1e-14)
+    assert rel_err(out_g, ref_g) < 1e-12 and rel_err(out_h, ref_h) < 1e-12
+
+
+def test_marthe_with_hvp_forward_trains_an_mse_regression_like_reverse():
+    torch.manual_seed(4)
+    x, y, xv, yv = (torch.randn(16, 6, dtype=F64), torch.randn(16, 3, dtype=F64),
+                    torch.randn(8, 6, dtype=F64), torch.randn(8, 3, dtype=F64))
+    start = mlp()
+    runs = {}
+    for engine in ("reverse", "forward"):
+        model = copy.deepcopy(start)
+        opt = marthe_ext.Marthe(model.parameters(), lr=0.05, model=model, hvp=engine)
+        for _ in range(5):
+            opt.step(lambda: nn.functional.mse_loss(model(x), y), lambda: nn.functional.mse_loss(model(xv), yv))
+        runs[engine] = (opt.lr, [p.detach().clone() for p in model.parameters()])
+    assert runs["forward"][0] == pytest.approx(runs["reverse"][0], rel=1e-10)
+    assert rel_err(runs["forward"][1], runs["reverse"][1]) < 1e-12
+
+
+def test_forward_engine_names_the_exact_alternative_for_an_op_without_forward_mode():
+    from marthe_ext.compiled import CompiledModelError
+
+    model = mlp()
+    x, y = torch.randn(7, 6, dtype=F64), torch.randn(7, 3, dtype=F64)
+    opt = marthe_ext.Marthe(model.parameters(), model=model, hvp="forward")
+    closure = lambda: nn.functional.huber_loss(model(x), y)  # noqa: E731
+    opt.step(closure)  # the first step takes no HVP (the tangent is still zero)
+    with pytest.raises(CompiledModelError, match="huber_loss.*eager model use hvp='reverse'"):
+        opt.step(closure)
