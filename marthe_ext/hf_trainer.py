@@ -3,13 +3,18 @@
 The Trainer's loop is torch's usual one: ``accelerator.backward(loss)``, gradient
 clipping, ``optimizer.step()`` (no arguments), ``lr_scheduler.step()``, ``zero_grad()``.
 ``Marthe.step()`` without a closure takes the gradient from ``.grad`` (backward style,
-``marthe_ext.training_loop``); two things the plain Trainer does not give it:
+``marthe_ext.training_loop``); three things the plain Trainer does not give it:
 
 * the HVP (mu > 0, every step after the first) needs the graph of the gradient, i.e.
   ``backward(create_graph=True)``. ``MartheTrainer.training_step`` runs the Trainer's own
   training step with the accelerator's ``backward`` asked for ``create_graph=True`` (not
   needed, and not asked, with mu = 0: ``optimizers=(marthe_ext.HD(...), None)`` works
   with the plain ``Trainer``);
+* the training loss, which the default's safeguard (e) ``loss_trust`` watches: the
+  Trainer's step gets no arguments, so ``MartheTrainer``'s backward hands each loss it
+  differentiates to ``Marthe.observe_loss`` (summed over gradient-accumulation steps, the
+  loss whose gradient the step takes; with the plain ``Trainer`` (e) sees no loss and is
+  inactive);
 * the Trainer's default schedule (``lr_scheduler_type="linear"``, warm-up, ...) is a
   ``LambdaLR``, which would compute every step size from the LR at its construction and
   freeze MARTHE's eta. ``MartheTrainer.create_scheduler`` wraps it in
@@ -58,8 +63,9 @@ def _marthe(optimizer):
 
 
 class MartheTrainer(Trainer):
-    """``transformers.Trainer`` for ``Marthe``: backward keeps the graph for the HVP, the
-    default schedule multiplies eta instead of replacing it, norm clipping is refused."""
+    """``transformers.Trainer`` for ``Marthe``: backward keeps the graph for the HVP and
+    hands the loss to the step, the default schedule multiplies eta instead of replacing
+    it, norm clipping is refused."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -86,19 +92,23 @@ class MartheTrainer(Trainer):
 
     def training_step(self, *args, **kwargs):
         opt = _marthe(self.optimizer)
-        if opt is None or opt.config.mu_fixed == 0.0:  # no HVP: a plain backward suffices
+        if opt is None:
             return super().training_step(*args, **kwargs)
         accelerator = self.accelerator
         backward = accelerator.backward
+        keep_graph = opt.config.mu_fixed != 0.0  # no HVP with mu = 0: a plain backward suffices
 
-        def backward_keeping_graph(loss, **kw):
+        def backward_for_marthe(loss, **kw):
+            opt.observe_loss(loss)  # the step's training loss, for safeguard (e)
+            if not keep_graph:
+                return backward(loss, **kw)
             kw.setdefault("create_graph", True)
             with warnings.catch_warnings():
                 # torch warns of the .grad <-> graph reference cycle; Marthe.step releases it.
                 warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
                 return backward(loss, **kw)
 
-        accelerator.backward = backward_keeping_graph  # this call only; the method is back after
+        accelerator.backward = backward_for_marthe  # this call only; the method is back after
         try:
             return super().training_step(*args, **kwargs)
         finally:

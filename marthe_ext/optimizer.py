@@ -43,7 +43,7 @@ from .controller import HyperController
 from .distributed import check_not_sharded, check_process_group
 from .hvp import check_model_holds
 from .protocol import StepProtocol, state_dtype
-from .training_loop import GroupStepSizes
+from .training_loop import GroupStepSizes, ObservedLoss
 
 _GROUP_KEYS = {"params", "lr_scale", "weight_decay", "name"}
 
@@ -206,6 +206,7 @@ class Marthe(torch.optim.Optimizer):
         self._protocol.step_sizes.attach(self.param_groups)  # group["lr"], group["initial_lr"]
         self._protocol.scaler = LossScaler.from_option(loss_scale, device)
         self._skip_warned = False
+        self._observed_loss = ObservedLoss()
 
     # The configuration, read-only (``opt.config`` holds all of it).
     dynamics = property(lambda self: self.config.dynamics)
@@ -357,10 +358,18 @@ class Marthe(torch.optim.Optimizer):
         (BatchNorm statistics) changed by it are restored, so they move once per step.
         """
         loss = self._protocol.step(self.param_groups, self.state, closure, val_closure, hvp_closure,
-                                   backward_loss=loss)
+                                   backward_loss=self._observed_loss.take(closure, loss))
         if self._protocol.device.type == "cpu":  # reading a CPU flag costs no device sync
             self._warn_if_skipped()
         return loss
+
+    def observe_loss(self, loss: Tensor) -> None:
+        """The training loss of the coming ``step()`` for loops that call it with no
+        arguments (a trainer's): the step then sees it as ``step(loss=...)`` -- checked for
+        finiteness, averaged over data-parallel ranks, used by safeguard (e) ``loss_trust``
+        -- and returns it. Call it with the loss you call backward on; several calls before
+        one step (gradient accumulation) add up. ``MartheTrainer`` calls it for you."""
+        self._observed_loss.add(loss)
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

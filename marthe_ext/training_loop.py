@@ -13,6 +13,8 @@ The API (this docstring is the reference for users and for trainer integrations)
     opt.step()                         # train mode; returns None (torch's convention)
     opt.step(val_closure=val)          # val mode, still one line: E is evaluated inside
                                        # step() at the updated weights w_{t+1}
+    opt.step(loss=loss)                # the step sees the loss (safeguard (e)) and returns it
+    opt.observe_loss(loss); opt.step() # the same where the loop calls step() bare (a trainer)
 
     # 3. step sizes and schedulers
     float(opt.param_groups[i]["lr"])   # the step size group i uses: eta * lr_scale * f_i
@@ -88,14 +90,14 @@ group whose ``eta * lr_scale`` is 0 keeps its previous ``f_G`` (there is nothing
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .hvp import hvp_through_gradients
 
-__all__ = ["backward_gradients", "GroupStepSizes", "follow_eta"]
+__all__ = ["backward_gradients", "ObservedLoss", "GroupStepSizes", "follow_eta"]
 
 
 # ---------------------------------------------------------------------- backward style
@@ -128,6 +130,37 @@ def backward_gradients(params: Sequence[Tensor], tangents: Sequence[Tensor], nee
             "(no parameter's .grad carries an autograd graph; mu > 0 needs H Zw from it after "
             "the first step), or pass the loss as a closure: opt.step(closure)")
     return grads, hvps
+
+
+class ObservedLoss:
+    """``Marthe.observe_loss(loss)``: the training loss of the coming backward-style step for
+    a loop that calls ``step()`` with no arguments (a trainer's), as ``step(loss=...)``
+    would give it. Several calls before one step add up (gradient accumulation: the losses
+    whose gradients ``.grad`` sums); the step takes the sum and starts a new one. A step
+    with a closure or ``loss=`` while a sum is pending is refused: two losses for one step."""
+
+    def __init__(self):
+        self.total: Optional[Tensor] = None
+
+    def add(self, loss: Tensor) -> None:
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"observe_loss takes the loss tensor you call backward on, got "
+                            f"{type(loss).__name__}")
+        if loss.numel() != 1 or not loss.is_floating_point():
+            raise TypeError(f"observe_loss takes a scalar floating-point loss tensor, got "
+                            f"{loss.dtype} of shape {tuple(loss.shape)}")
+        loss = loss.detach().reshape(())
+        self.total = loss if self.total is None else self.total + loss
+
+    def take(self, closure, loss: Optional[Tensor]) -> Optional[Tensor]:
+        """The loss this step sees: ``loss`` (step's ``loss=``), or the observed sum."""
+        if self.total is None:
+            return loss
+        if closure is not None or loss is not None:
+            raise ValueError("observe_loss() gave this step its loss, and step() got "
+                             + ("a closure" if closure is not None else "loss=") + " too: use one of them")
+        total, self.total = self.total, None
+        return total
 
 
 # ---------------------------------------------------------------------- group["lr"]

@@ -163,6 +163,8 @@ def test_hf_trainer_trains_with_marthe(digits, tmp_path):
     trainer.train()  # mu = 0.99: every step after the first takes the HVP from the kept graph
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert int(opt.hyper_state()["step"]) == 80
+    # the default's loss trust region (e) saw every step's training loss
+    assert int(opt.hyper_state()["loss_count"]) == 80 and math.isfinite(float(opt.hyper_state()["loss_best"]))
     assert abs(opt.lr / 1e-2 - 1) > 1e-5  # eta moved (measured: 4e-4 relative)
     lrs = [h["learning_rate"] for h in logs]  # the Trainer's own logging of the LR
     assert max(lrs) != min(lrs) and lrs[-1] == pytest.approx(opt.lr, rel=1e-2)
@@ -178,6 +180,20 @@ def test_plain_hf_trainer_works_with_hd_and_needs_the_subclass_for_an_hvp(digits
     _, kw, _ = _hf_setup(*digits, tmp_path, max_steps=2)
     with pytest.raises(RuntimeError, match="create_graph=True"):
         transformers.Trainer(**kw).train()
+
+
+def test_hf_trainer_hands_the_step_the_loss_summed_over_accumulation(digits, tmp_path):
+    # HD (no graph kept) and 2 accumulated micro-batches: (e) sees the loss the Trainer logs,
+    # the mean of the micro-batch losses (the Trainer divides each by 2 before backward).
+    trainer_cls, kw, opt = _hf_setup(*digits, tmp_path, optimizer=marthe_ext.HD, max_steps=1,
+                                     logging_steps=1, gradient_accumulation_steps=2)
+    trainer = trainer_cls(**kw)
+    trainer.train()
+    state = opt.hyper_state()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert int(state["loss_count"]) == 1 and len(logged) == 1
+    seen = float(state["loss_avg"]) / (1 - 0.9)  # the first running mean, bias-corrected
+    assert seen == pytest.approx(logged[0], rel=1e-4)
 
 
 def test_hf_trainer_schedule_multiplies_eta(digits, tmp_path):

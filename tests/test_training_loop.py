@@ -238,6 +238,59 @@ def test_gradient_accumulation_gives_the_summed_loss_step():
     assert math.isclose(opt_a.lr, opt_b.lr, rel_tol=1e-11)
 
 
+def test_observe_loss_gives_a_bare_step_its_loss_summed_over_accumulated_backwards():
+    """A trainer's loop calls opt.step() bare: observe_loss hands the step the loss, so the
+    default's loss trust region (e) sees what a closure on L1 + L2 would show it."""
+    data = batches(6, F64)
+    model_a = mlp(F64)
+    model_b, model_c = copy.deepcopy(model_a), copy.deepcopy(model_a)
+    opt_a, opt_b, opt_c = (make_opt(m, mu=0.99) for m in (model_a, model_b, model_c))
+    for t in range(3):
+        (x1, y1), (x2, y2) = data[2 * t], data[2 * t + 1]
+        opt_a.step(lambda: loss_fn(model_a, x1, y1) + loss_fn(model_a, x2, y2))
+        for model, opt in ((model_b, opt_b), (model_c, opt_c)):
+            opt.zero_grad()
+            for x, y in ((x1, y1), (x2, y2)):
+                loss = loss_fn(model, x, y)
+                loss.backward(create_graph=True)
+                if opt is opt_b:
+                    opt.observe_loss(loss)
+            returned = opt.step()
+            assert (returned is None) == (opt is opt_c)
+    sa, sb, sc = opt_a.hyper_state(), opt_b.hyper_state(), opt_c.hyper_state()
+    assert float(sb["loss_count"]) == float(sa["loss_count"]) == 3 and float(sc["loss_count"]) == 0
+    for k in ("loss_avg", "loss_best", "lr_at_best", "eta"):
+        assert math.isclose(float(sb[k]), float(sa[k]), rel_tol=1e-11), k
+
+
+def test_observe_loss_equals_step_loss_bit_for_bit_and_refuses_a_second_loss():
+    data = batches(3)
+    model_a = mlp()
+    model_b = copy.deepcopy(model_a)
+    opt_a, opt_b = make_opt(model_a), make_opt(model_b)
+    for t, (x, y) in enumerate(data):
+        for model, opt in ((model_a, opt_a), (model_b, opt_b)):
+            opt.zero_grad()
+            loss = loss_fn(model, x, y)
+            loss.backward(create_graph=t > 0)
+            if opt is opt_a:
+                returned = opt.step(loss=loss)
+            else:
+                opt.observe_loss(loss)
+                assert torch.equal(opt.step(), returned)
+    assert_same_run(model_a, opt_a, model_b, opt_b)
+    x, y = data[0]
+    with pytest.raises(TypeError, match="loss tensor you call backward on, got float"):
+        opt_b.observe_loss(1.0)
+    with pytest.raises(TypeError, match=r"scalar floating-point loss tensor, got torch.float32 of shape \(2,\)"):
+        opt_b.observe_loss(torch.ones(2))
+    opt_b.observe_loss(loss_fn(model_b, x, y))
+    with pytest.raises(ValueError, match="observe_loss.*got a closure too"):
+        opt_b.step(lambda: loss_fn(model_b, x, y))
+    with pytest.raises(ValueError, match="observe_loss.*got loss= too"):
+        opt_b.step(loss=loss_fn(model_b, x, y))
+
+
 def test_without_zero_grad_the_previous_gradient_is_a_constant_term():
     """No zero_grad: .grad accumulates onto the last step's detached gradient (torch's
     semantics). That equals a closure adding <g_prev, w>: same gradient, no extra Hessian."""
