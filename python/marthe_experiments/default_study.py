@@ -136,6 +136,8 @@ VARIANTS["robust-2+trend1"] = {**VARIANTS["robust-2+trend2"], "decay_trend": 1.0
 # both CNN setups starts (SGDM 0.3, Adam 0.01 against eta0 0.1 and 0.003)
 VARIANTS["robust-2+trend2@eta0x3"] = {**VARIANTS["robust-2+trend2"], "eta0_scale": 3.0}
 VARIANTS["robust-2+trend1@eta0x3"] = {**VARIANTS["robust-2+trend1"], "eta0_scale": 3.0}
+# ... and the option that never froze the LR on the CNN, (d) at (0.75, 1.2), from there
+VARIANTS["robust-2+rprop0.75@eta0x3"] = {**VARIANTS["robust-2+rprop0.75"], "eta0_scale": 3.0}
 # A horizon-aware hypergradient, prototyped in the harness (ema_hypergradient below): h of the
 # EMA of the iterates, <grad E(w_bar), Z_bar>, with Z_bar = d w_bar / d eta the same EMA of
 # the tangents; about 1 / (1 - d) steps of horizon. Measured worse (results/averaging,
