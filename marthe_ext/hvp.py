@@ -318,10 +318,10 @@ class _ZeroTangentLossTargets(TorchFunctionMode):
     _MSE = (F.mse_loss, torch._C._nn.mse_loss)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func in self._MSE:
+        kwargs = kwargs or {}
+        if func in self._MSE:  # every other call (the whole forward) passes straight through
             if "target" in kwargs:
-                kwargs["target"] = _with_zero_tangent(kwargs["target"])
+                kwargs = dict(kwargs, target=_with_zero_tangent(kwargs["target"]))
             elif len(args) > 1:
                 args = (args[0], _with_zero_tangent(args[1]), *args[2:])
         return func(*args, **kwargs)

@@ -247,6 +247,9 @@ def test_the_ema_hypergradient_is_that_of_the_iterates_average_and_leaves_the_we
         starts.append(w.detach().clone())
         return ((x @ w - y) ** 2).mean()
 
+    def grad_e(v):
+        return 2 * xv.T @ (xv @ v - yv) / len(yv)
+
     w_bar = z_bar = None
     for _ in range(4):
         lrs.append(opt.lr)
@@ -255,9 +258,6 @@ def test_the_ema_hypergradient_is_that_of_the_iterates_average_and_leaves_the_we
         w_bar = w_now if w_bar is None else d * w_bar + (1 - d) * w_now
         z_bar = z_now if z_bar is None else d * z_bar + (1 - d) * z_now
         assert torch.allclose(seen[-1], w_bar, atol=1e-7)  # E is taken at the average ...
-        def grad_e(v):
-            return 2 * xv.T @ (xv @ v - yv) / len(yv)
-
         h = float(grad_e(w_bar) @ z_bar)  # ... along Z_bar; with weight < 1, mixed with the one-step h
         if weight < 1:
             assert torch.equal(seen[-2], w_now)

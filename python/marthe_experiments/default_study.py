@@ -50,8 +50,6 @@ from .data import DataError, load_splits
 from .methods import MethodSpec, Protocol, Trainer, has_batchnorm
 from .models import build_model
 from .report import jsonable, markdown_table
-from marthe_ext.hypergrad import validation_gradient
-
 from .training import BN_REFRESH_BATCHES, batch_schedule, evaluate, recalibrate_bn, train_run
 
 BETAS = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -278,14 +276,11 @@ def ema_hypergradient(opt, decay: float, weight: float = 1.0) -> None:
                 torch._foreach_lerp_(avg["z"], list(tangents), 1 - decay)
             saved = [w.clone() for w in weights]
             torch._foreach_copy_(weights, avg["w"])
-        try:
-            grad_e = validation_gradient(val_closure, params)
+        try:  # the library's own hypergradient, taken at w_bar along Z_bar
+            h, grad_e = one_step(val_closure, params, avg["z"])
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(weights, saved)
-        pairs = [(g, z) for g, z in zip(grad_e, avg["z"]) if g is not None]
-        h = protocol._sum([protocol.backend.clipped_dot(
-            [g for g, _ in pairs], [z for _, z in pairs], clip=protocol.config.grad_clip)])
         if weight < 1:
             return (1 - weight) * h_now + weight * h, grad_now
         return h, grad_e
