@@ -38,7 +38,9 @@ at::Tensor clipped_dot(const binding::TensorList& a, const binding::TensorList& 
   const binding::PackedDot pk =
       binding::pack_dot(kTarget, a, b, a_extra, a_extra_scale, clip, clip_b);
   const double sum = cpu::clipped_dot(pk.table);
-  return at::scalar_tensor(sum, at::TensorOptions().dtype(pk.acc));
+  // A float32 sum beyond float32's range is inf, as the reference's: a cast, where
+  // scalar_tensor(sum, kFloat) would throw (a diverging run must skip its step, not crash).
+  return at::scalar_tensor(sum, at::TensorOptions().dtype(at::kDouble)).to(pk.acc);
 }
 
 at::Tensor all_finite(const binding::TensorList& tensors) {

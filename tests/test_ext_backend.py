@@ -359,6 +359,17 @@ def test_cpu_clipped_dot_planted_non_finite(ext, value, clip):
         assert not math.isfinite(got.item())
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["+", "-"])
+def test_cpu_clipped_dot_beyond_float32_range_is_inf_as_the_reference(ext, sign):
+    """Finite float32 products whose float64 sum leaves float32's range (a diverging run):
+    +-inf, as the reference's float32 sum, not an error (found by issue 15's study)."""
+    a = [torch.full((3,), 3e38), torch.full((2,), 2e38)]
+    b = [torch.full((3,), sign), torch.full((2,), sign)]
+    got, want = ext.clipped_dot(a, b), REF.clipped_dot(a, b)
+    assert got.dtype == want.dtype == torch.float32
+    assert got.item() == want.item() == sign * math.inf
+
+
 def test_cpu_clipped_dot_parallel_and_deterministic(ext):
     """Large enough for several spans on several threads: same bits with 1 or 2 threads."""
     a, b, x = _dot_inputs(torch.float32, torch.float32, [(300_001,), (5,)], True)

@@ -6,6 +6,7 @@ interpreter runs one program per chunk in Python (tens of ms each), so the maths
 uses one small tensor per case and the layout tests (odd sizes, chunking, many tensors)
 are separate.
 """
+import math
 import os
 
 import pytest
@@ -258,6 +259,16 @@ def test_clipped_dot_matches_reference(a_dtype, b_dtype, clip, extra, clip_b):
                 for x, e, y in zip(a, ext, b))
     tol = 1e-12 if a_dtype == torch.float64 else 1e-5
     assert abs(got.item() - want.item()) <= tol * terms
+
+
+def test_clipped_dot_beyond_float32_range_is_inf_as_the_reference():
+    """A diverging run's float32 sum past float32's range: +-inf like the reference's (the
+    compiled CPU backend raised here; test_ext_backend)."""
+    for sign in (1.0, -1.0):
+        a = [torch.full((3,), 3e38, device=DEVICE), torch.full((2,), 2e38, device=DEVICE)]
+        b = [torch.full((3,), sign, device=DEVICE), torch.full((2,), sign, device=DEVICE)]
+        got, want = TritonBackend().clipped_dot(a, b), TorchBackend().clipped_dot(a, b)
+        assert got.item() == want.item() == sign * math.inf
 
 
 def test_clipped_dot_empty():
