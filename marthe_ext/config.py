@@ -97,6 +97,7 @@ class MartheConfig:
     safeguards: Optional[str]
     loss_trust: Optional[float] = None  # (e): tau of the loss trust region (controller.py)
     decay_trend: Optional[float] = None  # (f): z of the decay-trend test on the step of decreases (controller.py)
+    decay_trend_test: str = "mean"  # (f): the trend of the normalised h ("mean") or of its sign ("sign")
     # The cheaper modes (README "Cheaper steps"): each drops part of the exact step on purpose.
     first_order: bool = False  # A_t with H_t = 0: no HVP at all
     hvp_every: int = 1  # the HVP only on steps t = 0 mod k, H_t = 0 on the others
@@ -125,6 +126,7 @@ class MartheConfig:
         hypergrad_norm, hypergrad_norm_decay, max_tangent_ratio, hyper_lr_rprop,
         hyper_lr_bounds, safeguards, has_model: bool, first_order=False, hvp_every=1,
         hypergrad_every=1, compile_lr_update=False, loss_trust=None, decay_trend=None,
+        decay_trend_test=None,
     ) -> "MartheConfig":
         if safeguards is not None and safeguards not in _safeguards.PRESETS:
             raise ValueError(f"safeguards must be None or one of {tuple(_safeguards.PRESETS)}, "
@@ -141,6 +143,9 @@ class MartheConfig:
             loss_trust = preset.get("loss_trust")
         if decay_trend is None:
             decay_trend = preset.get("decay_trend")
+        test_given = decay_trend_test is not None
+        if decay_trend_test is None:
+            decay_trend_test = preset.get("decay_trend_test", "mean")
         if hyper_lr is None:
             hyper_lr = _safeguards.DEFAULT_HYPER_LR["raw" if hypergrad_norm is None else "normalised"]
 
@@ -216,6 +221,10 @@ class MartheConfig:
             if hyper_lr_rprop is None:
                 raise ValueError("decay_trend changes how hyper_lr_rprop adapts beta: set hyper_lr_rprop "
                                  "(and hypergrad_norm) with it")
+        check_choice("decay_trend_test", decay_trend_test, _safeguards.DECAY_TREND_TESTS)
+        if test_given and decay_trend is None:
+            raise ValueError(f"decay_trend_test={decay_trend_test!r} chooses the statistic of decay_trend (safeguard "
+                             f"(f)), which is off: set decay_trend too")
 
         first_order, hvp_every, hypergrad_every = _check_modes(first_order, hvp_every, hypergrad_every, mu)
         if not isinstance(compile_lr_update, bool):
@@ -230,5 +239,5 @@ class MartheConfig:
             max_tangent_ratio=max_tangent_ratio, hyper_lr_rprop=hyper_lr_rprop,
             hyper_lr_bounds=(low, high), safeguards=safeguards, first_order=first_order,
             hvp_every=hvp_every, hypergrad_every=hypergrad_every, compile_lr_update=compile_lr_update,
-            loss_trust=loss_trust, decay_trend=decay_trend,
+            loss_trust=loss_trust, decay_trend=decay_trend, decay_trend_test=decay_trend_test,
         )

@@ -98,6 +98,13 @@ Every update is masked by ``ok`` (a device bool): a skipped step changes nothing
     1.95: README, "The default's study"). An LR pushed too low only slows a run, and h then
     asks for more, which (d) answers at its own pace.
 
+    ``decay_trend_test="sign"`` averages :math:`\mathrm{sign}(\hat x_t)` instead of
+    :math:`\hat x_t` (the same s: white-noise signs have unit RMS too), so m is
+    :math:`2p - 1` over about 20 steps with p the share of steps asking for a smaller LR: a
+    test of the median, not the mean. Late in a BatchNorm CNN's run h asks for a smaller LR in
+    most steps while a few large h asking for more cancel the mean (measured: README, "The
+    default's study").
+
 **The paper's beta adaptation** (``hyper_lr_adapt = alpha > 0``, after the LR update):
 :math:`\beta \leftarrow \max(\beta + \alpha\, h\, \eta_{new}, 0)`.
 
@@ -250,7 +257,8 @@ def lr_update_(cfg: MartheConfig, s: dict[str, Tensor], h: Tensor, ok: Tensor, l
         decay=cfg.hypergrad_norm_decay, rho=cfg.max_lr_change, ok=ok, rho_up=cfg.max_lr_growth,
         beta_down=beta_down)
     if cfg.decay_trend is not None:
-        x_trend = DECAY_TREND_DECAY * s["x_trend"] + (1 - DECAY_TREND_DECAY) * x
+        trend_input = torch.sign(x) if cfg.decay_trend_test == "sign" else x
+        x_trend = DECAY_TREND_DECAY * s["x_trend"] + (1 - DECAY_TREND_DECAY) * trend_input
         s["x_trend"].copy_(torch.where(ok & torch.isfinite(x_trend), x_trend, s["x_trend"]))
     if cfg.loss_trust is not None:
         broken = trust_broken(s, loss, cfg.loss_trust, ok)

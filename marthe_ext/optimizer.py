@@ -137,6 +137,10 @@ class Marthe(torch.optim.Optimizer):
             their own meta step, which takes (d)'s factors and also grows while the ~20-step
             mean of the normalised h asks for a smaller LR with a z-score above z (a decay
             trend too noisy for (d)'s one-step sign test). Increases keep (d)'s beta.
+        decay_trend_test: (f)'s statistic, "mean" (None: the preset's, else "mean") or
+            "sign": the ~20-step mean of sign(h) instead, the share of steps asking for a
+            smaller LR, which a few large h asking for more do not outweigh (README, "The
+            default's study"). Needs ``decay_trend``.
 
     ``step(closure, val_closure=None)``: ``closure()`` returns the training loss and does
     NOT call backward (the optimizer differentiates it). Without ``val_closure`` the
@@ -181,6 +185,7 @@ class Marthe(torch.optim.Optimizer):
         compile_lr_update: bool = False,
         loss_trust: Optional[float] = None,
         decay_trend: Optional[float] = None,
+        decay_trend_test: Optional[str] = None,
     ):
         check_process_group(process_group)
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -194,7 +199,7 @@ class Marthe(torch.optim.Optimizer):
             hyper_lr_rprop=hyper_lr_rprop, hyper_lr_bounds=hyper_lr_bounds, safeguards=safeguards,
             has_model=model is not None, first_order=first_order, hvp_every=hvp_every,
             hypergrad_every=hypergrad_every, compile_lr_update=compile_lr_update,
-            loss_trust=loss_trust, decay_trend=decay_trend)
+            loss_trust=loss_trust, decay_trend=decay_trend, decay_trend_test=decay_trend_test)
         self.model = model
         super().__init__(params, dict(lr_scale=1.0, weight_decay=self.config.weight_decay))
         if model is not None:
@@ -227,6 +232,7 @@ class Marthe(torch.optim.Optimizer):
     hyper_lr_bounds = property(lambda self: self.config.hyper_lr_bounds)
     loss_trust = property(lambda self: self.config.loss_trust)
     decay_trend = property(lambda self: self.config.decay_trend)
+    decay_trend_test = property(lambda self: self.config.decay_trend_test)
     first_order = property(lambda self: self.config.first_order)
     hvp_every = property(lambda self: self.config.hvp_every)
     hypergrad_every = property(lambda self: self.config.hypergrad_every)

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 HYPERGRAD_NORMS = (None, "rms", "rms-log")
+# (f)'s statistic: the running mean of the normalised h, or of its sign (controller.py)
+DECAY_TREND_TESTS = ("mean", "sign")
 
 # ``Marthe(safeguards=NAME)`` sets these options unless the caller sets them; None sets none
 # (the faithful algorithm, unless options are given one by one). "robust" is the variant

@@ -37,9 +37,9 @@ def run(hs, **opts):
     return [(eta, beta, down) for eta, beta, _, _, down in driven(hs, record=("beta_down",), **opts)]
 
 
-def replay(hs, eta, beta, z, shrink=0.5, grow=1.2, low=1e-6, high=0.1):
+def replay(hs, eta, beta, z, shrink=0.5, grow=1.2, low=1e-6, high=0.1, sign=False):
     """(d) and (f), then (b) "rms-log" and (a') 1.1, on the host: (eta, beta, beta_down) after
-    each step."""
+    each step; ``sign``: (f)'s trend of sign(x_hat) (``decay_trend_test="sign"``)."""
     v = count = trend = m = 0.0
     beta_down = beta
     out = []
@@ -55,7 +55,7 @@ def replay(hs, eta, beta, z, shrink=0.5, grow=1.2, low=1e-6, high=0.1):
         v, count = 0.99 * v + 0.01 * x * x, count + 1
         x_hat = x / math.sqrt(v / (1 - 0.99 ** count))
         eta = min(eta * math.exp(-(beta_down if x_hat > 0 else beta) * x_hat), 1.1 * eta)
-        m = 0.95 * m + 0.05 * x_hat
+        m = 0.95 * m + 0.05 * ((x_hat > 0) - (x_hat < 0) if sign else x_hat)
         out.append((eta, beta, beta_down))
     return out
 
@@ -142,3 +142,37 @@ def test_without_decay_trend_the_decrease_step_is_beta():
     steps = run(noisy(0.6, n=60), lr=0.1, hyper_lr=1e-3, **RULES)
     assert len({beta for _, beta, _ in steps}) > 5
     assert all(down == beta for _, beta, down in steps)
+
+
+def skewed(n=300, seed=0):
+    """h > 0 (a smaller LR) in 75 % of the steps but small, h < 0 rare and 3x larger: the mean
+    is 0 (what the late steps of the BatchNorm CNN look like, issue 15's study)."""
+    rng = random.Random(seed)
+    return [0.5 if rng.random() < 0.75 else -1.5 for _ in range(n)]
+
+
+def test_the_sign_test_follows_its_rule_and_trusts_a_skewed_trend():
+    """decay_trend_test="sign": (f) tests the trend of sign(h), a median's test; on a skewed
+    h with mean 0 it grows the decrease step and the LR decays, where the mean's test leaves
+    the decrease step at its floor and the LR frozen."""
+    hs = skewed()
+    got = run(hs, lr=0.1, hyper_lr=1e-3, decay_trend=2.0, decay_trend_test="sign", **RULES)
+    want = replay(hs, 0.1, 1e-3, 2.0, sign=True)
+    for t, (g, r) in enumerate(zip(got, want)):
+        assert g == pytest.approx(r, rel=1e-12), t
+    of_mean = run(hs, lr=0.1, hyper_lr=1e-3, decay_trend=2.0, **RULES)
+    assert of_mean == pytest.approx(replay(hs, 0.1, 1e-3, 2.0), rel=1e-12)
+    assert sum(down > beta for _, beta, down in got) > 200
+    assert max(down for _, _, down in got[-150:]) == 0.1 and got[-1][0] < 0.02  # the LR decays 5x+
+    assert max(down for _, _, down in of_mean[-150:]) < 1e-3 and of_mean[-1][0] > 0.099  # frozen
+
+
+def test_decay_trend_test_is_validated_and_needs_decay_trend():
+    w = [nn.Parameter(torch.zeros(1))]
+    assert marthe_ext.Marthe(w).decay_trend_test == PRESETS["robust"].get("decay_trend_test", "mean")
+    assert marthe_ext.Marthe(w, decay_trend_test="sign").decay_trend_test == "sign"
+    assert marthe_ext.Marthe(w, safeguards=None).decay_trend_test == "mean"
+    with pytest.raises(ValueError, match="decay_trend_test must be one of"):
+        marthe_ext.Marthe(w, decay_trend_test="median")
+    with pytest.raises(ValueError, match="set decay_trend too"):
+        marthe_ext.Marthe(w, safeguards=None, decay_trend_test="sign")

@@ -20,13 +20,15 @@ BASE = dict(lr=0.01, dynamics="sgd", momentum=0.9, nesterov=False, betas=(0.9, 0
             hypergrad_norm_decay=0.99, max_tangent_ratio=None, hyper_lr_rprop=None,
             hyper_lr_bounds=(1e-6, 0.1), safeguards=None, has_model=False)
 # Together: no normalisation / "rms" / "rms-log"; (a) and (a') on and off; (d) rprop; alpha;
-# (e) the loss trust region; (f) the decay trend (a low z, so that it passes on these h).
+# (e) the loss trust region; (f) the decay trend (a low z, so that it passes on these h), of
+# the normalised h and of its sign.
 CONFIGS = {
     "paper+alpha": dict(hyper_lr=1e-3, hyper_lr_adapt=1e-2),
     "rms+change": dict(hypergrad_norm="rms", max_lr_change=1.5, hyper_lr=1e-3),
     "robust+change": dict(safeguards="robust", max_lr_change=1.3),
     "robust+trust": dict(safeguards="robust", loss_trust=0.2),
     "robust+trend": dict(safeguards="robust", decay_trend=0.5),
+    "robust+trend-sign": dict(safeguards="robust", decay_trend=0.5, decay_trend_test="sign"),
 }
 
 
