@@ -269,3 +269,65 @@ def test_the_ema_hypergradient_is_that_of_the_iterates_average_and_leaves_the_we
     for t in range(3):
         grad = 2 * x.T @ (x @ starts[t] - y) / len(y)
         assert torch.allclose(starts[t + 1], starts[t] - lrs[t] * grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("both", [False, True])
+def test_horizon_damping_discounts_early_decreases_and_leaves_increases(both):
+    """The study's prototype: a decrease by r at the t-th update becomes r^(t / T) (r from
+    the undamped rule, taken from the same state), an increase is the rule's own (with
+    ``both``: damped alike)."""
+    import torch
+
+    import marthe_ext
+
+    def make():
+        w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        return w, marthe_ext.Marthe([w], dynamics="sgd", mu=0.0, backend="torch", lr=0.1, hyper_lr=0.05)
+
+    (w, damped), (v, plain) = make(), make()
+    horizon = 6
+    study.horizon_damping(damped, horizon, "both" if both else "decreases")
+    hs = [1.0, 2.0, -1.0, 1.5, 0.5, 3.0, -0.5, 1.0, 2.0, 1.0]
+    fell = rose = 0
+    for t, h in enumerate(hs):
+        for key, value in damped._controller.scalars.items():  # the same state before the step
+            plain._controller.scalars[key].copy_(value)
+        before = damped.lr
+        # one weight, training loss w, validation loss -h w: the hypergradient is h (test_hyper_rules)
+        damped.step(lambda: w.sum(), lambda: -h * w.sum())
+        plain.step(lambda: v.sum(), lambda: -h * v.sum())
+        if plain.lr < before or both:
+            fell += plain.lr < before
+            rose += plain.lr > before
+            assert damped.lr == pytest.approx(before * (plain.lr / before) ** min(t / horizon, 1.0), rel=1e-12)
+        else:
+            rose += 1
+            assert damped.lr == plain.lr
+    assert fell >= 5 and rose >= 2
+
+
+def test_horizon_damping_keep_trust_never_damps_the_loss_trust_region_s_cap():
+    """"keep-trust": a decrease to exactly the LR of the best loss (safeguard (e)'s cap) is
+    taken whole; any other decrease is damped. A stand-in controller scripts the updates."""
+    import types
+
+    import torch
+
+    def controller(new_lrs):
+        scalars = {"eta": torch.tensor(1.0, dtype=torch.float64),
+                   "lr_at_best": torch.tensor(0.25, dtype=torch.float64)}
+        lrs = iter(new_lrs)
+        return types.SimpleNamespace(scalars=scalars, update_lr=lambda h, ok, loss=None: scalars["eta"].fill_(next(lrs)))
+
+    for mode, want in (("keep-trust", [1.0, 0.25, 0.25 * 0.5 ** 0.5]), ("decreases", [1.0, 0.25 ** 0.25, None])):
+        ctl = controller([0.5, 0.25, 0.125])
+        study.horizon_damping(types.SimpleNamespace(_controller=ctl), 4, mode)
+        got = []
+        for _ in range(3):
+            ctl.update_lr(None, None)
+            got.append(float(ctl.scalars["eta"]))
+        assert got[:2] == pytest.approx(want[:2], rel=1e-12), mode
+        if want[2] is not None:
+            assert got[2] == pytest.approx(want[2], rel=1e-12)
+    with pytest.raises(ValueError, match="damped_changes"):
+        study.horizon_damping(types.SimpleNamespace(_controller=controller([])), 4, "all")
