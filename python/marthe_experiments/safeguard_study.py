@@ -85,6 +85,9 @@ VARIANTS["robust-2+rprop0.75"] = dict(VARIANTS["robust-2"], hyper_lr_rprop=(0.75
 VARIANTS["robust-2+trend2"] = dict(VARIANTS["robust-2"], decay_trend=2.0)
 # (f) with the looser test z = 1, the option for a BatchNorm CNN under Adam: its cost on E1
 VARIANTS["robust-2+trend1"] = dict(VARIANTS["robust-2"], decay_trend=1.0)
+# (f) on the mean of sign(h) (decay_trend_test="sign", issue 15's late-freeze finding): its cost
+# on E1, HD above all, before it can be the default
+VARIANTS["robust-2+trend2sign"] = dict(VARIANTS["robust-2+trend2"], decay_trend_test="sign")
 # The first version of (d), run first: with a cap of 1 single spikes cut eta 20-80x at once
 # and it took hundreds of steps to climb back.
 VARIANTS["rprop-beta-max-1"] = dict(VARIANTS["rms-log+growth+rprop"], hyper_lr_bounds=(1e-6, 1.0))
