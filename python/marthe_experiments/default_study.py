@@ -309,7 +309,7 @@ def ema_hypergradient(opt, decay: float, weight: float = 1.0) -> None:
     protocol._validation_hypergrad = hypergradient
 
 
-DAMPED = ("decreases", "both", "keep-trust")
+HORIZON_DAMPING_MODES = ("decreases", "both", "keep-trust")
 
 
 def horizon_damping(opt, horizon: int, damped_changes: str = "decreases") -> None:
@@ -319,8 +319,8 @@ def horizon_damping(opt, horizon: int, damped_changes: str = "decreases") -> Non
     trust region (e) capped the LR at that of the best loss ("keep-trust"). The one-step
     hypergradient prefers a smaller LR now, which a run of ``horizon`` steps pays for later
     (the short-horizon bias); early in the run that preference is discounted most."""
-    if damped_changes not in DAMPED:
-        raise ValueError(f"damped_changes must be one of {DAMPED}, got {damped_changes!r}")
+    if damped_changes not in HORIZON_DAMPING_MODES:
+        raise ValueError(f"damped_changes must be one of {HORIZON_DAMPING_MODES}, got {damped_changes!r}")
     controller = opt._controller
     update = controller.update_lr
     updates = [0]
